@@ -1,0 +1,72 @@
+"""Seeding: copied weights are equal, and a freshly seeded layer is the decayed linear
+attention it is meant to mimic (computed here independently, with loops)."""
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmmamba import Config, InputError, Model
+from seed import COPY, seed_student
+
+CFG = Config(vocab_size=50, n_layer=3, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=48,
+             max_seq_len=40, img_size=8, img_patch=4, img_dim=8, chunk_size=4, scan_backend="torch")
+
+
+def teacher(seed=0):
+    torch.manual_seed(seed)
+    t = Model(CFG).double()
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return t
+
+
+@pytest.mark.parametrize("init", ["mimic", "inherit", "scratch"])
+def test_copied_weights_are_equal(init):
+    t = teacher()
+    s = seed_student(t, "MAM", init)
+    t_sd, s_sd = t.state_dict(), s.state_dict()
+    for name in ["tok_embeddings.weight", "output.weight", "layers.0.mlp.w1.weight",
+                 "layers.2.ffn_norm.weight", "vision.patch.weight"]:
+        assert torch.equal(t_sd[name], s_sd[name])
+    for name, p in t.layers[1].state_dict().items():               # the kept attention layer
+        assert torch.equal(p, s.layers[1].state_dict()[name])
+    for i in (0, 2):
+        for tn, sn in COPY.items():
+            same = torch.equal(t_sd[f"layers.{i}.mixer.{tn}.weight"], s_sd[f"layers.{i}.mixer.{sn}.weight"])
+            assert same == (init != "scratch" or tn == "o_proj"), (init, tn)
+
+
+def test_mimic_layer_is_decayed_linear_attention():
+    torch.manual_seed(1)
+    s = seed_student(teacher(), "MMM", "mimic")
+    mixer = s.layers[1].mixer
+    T, H, Hkv, hd = 9, CFG.n_head, CFG.n_kv_head, CFG.head_dim
+    u = torch.randn(2, T, CFG.d_model, dtype=torch.float64)
+    got = mixer(u)
+    # independently: identity conv + SiLU, so q, k, v are silu of the copied projections
+    q = F.silu(u @ mixer.c_proj.weight.T).view(2, T, H, hd)
+    k = F.silu(u @ mixer.b_proj.weight.T).view(2, T, Hkv, hd)
+    v = F.silu(u @ mixer.x_proj.weight.T).view(2, T, Hkv, hd)
+    dt = F.softplus(mixer.dt_bias)                                  # W_dt = 0: one dt per head
+    A = -torch.e                                                    # A_log = 1
+    y = torch.zeros(2, T, H, hd, dtype=torch.float64)
+    for h in range(H):
+        g = h // (H // Hkv)                                         # the KV head serving head h
+        for t in range(T):
+            for s_ in range(t + 1):
+                w = (q[:, t, h] * k[:, s_, g]).sum(-1) * dt[h] * torch.exp(A * dt[h] * (t - s_))
+                y[:, t, h] += w[:, None] * v[:, s_, g]
+    y = y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + CFG.norm_eps)   # per-head RMSNorm
+    y = y.reshape(2, T, H * hd) * F.silu(u @ mixer.g_proj.weight.T)      # SiLU gate
+    expected = y @ mixer.o_proj.weight.T
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    # mimic: dt is small and A = -e, so the decay per step stays close to 1
+    assert (torch.exp(A * dt) > 0.75).all()
+
+
+def test_seeding_a_student_again_is_refused():
+    s = seed_student(teacher(), "MMM")
+    with pytest.raises(InputError, match="needs a teacher"):
+        seed_student(s, "MMM")
