@@ -16,7 +16,7 @@ Dimension glossary (paper letters in brackets, PAPER.md sections 1-2):
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
