@@ -1,14 +1,18 @@
 """Seeding: copied weights are equal, and a freshly seeded layer is the decayed linear
 attention it is meant to mimic (computed here independently, with loops)."""
-from dataclasses import replace
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mmmamba import Config, InputError, Model
+from mmmamba import (Config, InputError, Model, checkpoint_of, load_checkpoint,
+                     model_from_checkpoint, save_checkpoint)
 from seed import COPY, seed_student
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = Config(vocab_size=50, n_layer=3, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=48,
              max_seq_len=40, img_size=8, img_patch=4, img_dim=8, chunk_size=4, scan_backend="torch")
 
@@ -70,3 +74,31 @@ def test_seeding_a_student_again_is_refused():
     s = seed_student(teacher(), "MMM")
     with pytest.raises(InputError, match="needs a teacher"):
         seed_student(s, "MMM")
+
+
+def run_seed(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "seed.py"), *args], cwd=cwd,
+                          capture_output=True, text=True)
+
+
+def test_seed_command_line(tmp_path):
+    t = teacher().float()
+    save_checkpoint(tmp_path / "teacher.pt", checkpoint_of(t, kind="teacher", stage=0, tokenizer="{}"))
+    r = run_seed("--teacher", "teacher.pt", "--out", "hybrid.pt", "--attn-every", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ckpt = load_checkpoint(tmp_path / "hybrid.pt")
+    assert ckpt["config"]["layout"] == "AMA" and ckpt["tokenizer"] == "{}" and ckpt["init"] == "mimic"
+    s = model_from_checkpoint(ckpt)
+    assert torch.equal(s.layers[1].mixer.c_proj.weight, t.layers[1].mixer.q_proj.weight)
+    # bad input: one line on stderr, exit code 2, no traceback, nothing written
+    for args, msg in [(["--teacher", "missing.pt"], "no checkpoint"),
+                      (["--teacher", "teacher.pt", "--attn-layers", "0,7"], "out of range"),
+                      (["--teacher", "teacher.pt", "--attn-layers", "x"], "comma-separated"),
+                      (["--teacher", "teacher.pt", "--attn-every", "0"], "1 or more")]:
+        r = run_seed(*args, "--out", "bad.pt", cwd=tmp_path)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "bad.pt").exists()
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    r = run_seed("--teacher", "junk.pt", "--out", "bad.pt", cwd=tmp_path)
+    assert r.returncode == 2 and "not a readable" in r.stderr
