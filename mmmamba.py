@@ -66,8 +66,9 @@ class Config:
 
 
 PRESETS = {
-    # the classroom default: about 1-3M parameters, trains on a 2-core CPU in minutes
-    "tiny": Config(),
+    # the classroom default: about 1M parameters, trains on a 2-core CPU in minutes. 8 px
+    # patches (16 image tokens) and 32-token chunks keep a CPU training step short.
+    "tiny": Config(img_patch=16, chunk_size=32),
     # a GPU model of tens of millions of parameters
     "small": Config(n_layer=8, d_model=512, n_head=8, n_kv_head=4, head_dim=64, d_mlp=1536,
                     max_seq_len=512, img_size=64, img_patch=4, img_dim=256, vocab_size=2048),
@@ -163,6 +164,14 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def project(u, linears, packed=None):
+    """u through several bias-free Linear layers that read it: one matmul each, or one matmul
+    in all over `packed`, their weights stacked (pack_for_decoding)."""
+    if packed is None:
+        return [lin(u) for lin in linears]
+    return F.linear(u, packed).split([lin.out_features for lin in linears], dim=-1)
+
+
 # -----------------------------------------------------------------------------
 # the two sequence mixers. Both have mix(u) -> per-head outputs before the output
 # projection (what stages 1-2 of the distillation compare), and forward = o_proj(mix).
@@ -179,6 +188,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, Hkv * hd, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, Hkv * hd, bias=False)
         self.o_proj = nn.Linear(H * hd, cfg.d_model, bias=False)
+        self.register_buffer("packed", None, persistent=False)        # see pack_for_decoding
 
     def new_cache(self, batch, max_len, device, dtype):
         shape = (batch, self.cfg.n_kv_head, max_len, self.cfg.head_dim)
@@ -188,9 +198,10 @@ class Attention(nn.Module):
     def mix(self, u, pos=0, cache=None):
         cfg = self.cfg
         B, T, _ = u.shape
-        q = self.q_proj(u).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)       # (B, H, T, hd)
-        k = self.k_proj(u).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)    # (B, Hkv, T, hd)
-        v = self.v_proj(u).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        q, k, v = project(u, (self.q_proj, self.k_proj, self.v_proj), self.packed)
+        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)                     # (B, H, T, hd)
+        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)                  # (B, Hkv, T, hd)
+        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         q, k = rope(q, pos, cfg.rope_theta), rope(k, pos, cfg.rope_theta)
         if cache is not None:
             # write into the preallocated cache, attend over everything up to pos + T
@@ -232,6 +243,7 @@ class Mamba2(nn.Module):
         self.g_proj = nn.Linear(D, H * hd, bias=False)                  # W_G, the output gate
         self.norm = RMSNorm(H * hd, cfg.norm_eps)                       # applied per head
         self.o_proj = nn.Linear(H * hd, D, bias=False)                  # from W_O
+        self.register_buffer("packed", None, persistent=False)        # see pack_for_decoding
 
     def new_cache(self, batch, max_len, device, dtype):
         cfg = self.cfg
@@ -244,20 +256,25 @@ class Mamba2(nn.Module):
         B_, T, _ = u.shape
         H, Hkv, hd, K = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.conv_kernel
         # 1-2. projections, then a depthwise causal conv over [x, B, C] and SiLU
-        xBC = torch.cat([self.x_proj(u), self.b_proj(u), self.c_proj(u)], dim=-1)      # (B, T, conv_dim)
+        x, Bm, Cm, dt, gate = project(u, (self.x_proj, self.b_proj, self.c_proj, self.dt_proj,
+                                          self.g_proj), self.packed)
+        xBC = torch.cat([x, Bm, Cm], dim=-1)                                             # (B, T, conv_dim)
         past = cache["conv"] if cache is not None else xBC.new_zeros(B_, K - 1, self.conv_dim)
         xBC = torch.cat([past, xBC], dim=1)                                              # (B, K-1+T, conv_dim)
         if cache is not None:
             cache["conv"].copy_(xBC[:, -(K - 1):])
-        xBC = F.silu(F.conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
-                              groups=self.conv_dim).transpose(1, 2))                     # (B, T, conv_dim)
+        if cache is not None and T == 1:  # decoding: the conv over the K-token window is a weighted sum
+            xBC = (xBC * self.conv1d.weight[:, 0].t()).sum(1, keepdim=True) + self.conv1d.bias
+        else:
+            xBC = F.conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                           groups=self.conv_dim).transpose(1, 2)
+        xBC = F.silu(xBC)                                                                # (B, T, conv_dim)
         x, Bm, Cm = xBC.split([Hkv * hd, Hkv * hd, H * hd], dim=-1)
         # 3. each KV head serves H / Hkv consecutive heads
         x = x.view(B_, T, Hkv, hd).repeat_interleave(H // Hkv, dim=2)                    # (B, T, H, P)
         Bm = Bm.view(B_, T, Hkv, hd).repeat_interleave(H // Hkv, dim=2)                  # (B, T, H, N)
         Cm = Cm.view(B_, T, H, hd)                                                       # (B, T, H, N)
         # 4. dt (softplus(W_dt u + dt_bias) inside the scan) and A = -exp(a)
-        dt = self.dt_proj(u)                                                             # (B, T, H)
         A = -torch.exp(_up(self.A_log))                                               # (H,)
         # 5-6. the SSD scan: recurrent for one cached token, chunked otherwise
         if cache is not None and T == 1:
@@ -273,7 +290,7 @@ class Mamba2(nn.Module):
         y = _up(y.reshape(B_, T, H, hd))
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
         y = (y.reshape(B_, T, H * hd) * self.norm.weight).type_as(u)
-        return y * F.silu(self.g_proj(u))                                                # (B, T, H*P)
+        return y * F.silu(gate)                                                          # (B, T, H*P)
 
     def forward(self, u, pos=0, cache=None):
         return self.o_proj(self.mix(u, pos, cache))                     # 8. W_O
@@ -343,6 +360,8 @@ class Model(nn.Module):
         """Token embeddings with the image slots (the <image> id) overwritten by patches."""
         cfg = self.cfg
         x = self.tok_embeddings(tokens)                                 # (B, T, D)
+        if images is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return x  # counting slots syncs with the host, illegal in a CUDA graph (bench.py)
         slots = tokens == IMAGE_ID
         n_slots, n_images = int(slots.sum()), 0 if images is None else images.shape[0]
         if n_slots != n_images * cfg.n_img_tokens:
@@ -387,6 +406,22 @@ class Model(nn.Module):
         return ios
 
     # --- decoding ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def pack_for_decoding(self):
+        """Inference only, after .to(device, dtype): stack the weights of the projections that
+        read the same input (q, k, v; x, B, C, dt, gate) into one matrix per layer and make each
+        weight a view of its rows. The parameters and state_dict stay the same, no memory is
+        added, and each group runs as one matmul: at one token a matmul costs ~3 us before it
+        moves a byte, and these are small (docs/bench_log.md)."""
+        for layer in self.layers:
+            m = layer.mixer
+            group = ((m.q_proj, m.k_proj, m.v_proj) if isinstance(m, Attention) else
+                     (m.x_proj, m.b_proj, m.c_proj, m.dt_proj, m.g_proj))
+            m.packed = torch.cat([lin.weight for lin in group])
+            for lin, w in zip(group, m.packed.split([lin.out_features for lin in group])):
+                lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
+        return self
 
     def new_cache(self, batch, max_len=None, device=None, dtype=None):
         """Per-layer decoding state: a KV cache for attention layers, a conv state and an SSM

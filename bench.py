@@ -1,0 +1,508 @@
+"""
+Speed and memory of mmMamba against its transformer teacher (PAPER.md section 6), on HoVLE's
+dimensions (the `paper` preset) with random weights in bf16, batch 1:
+
+    python bench.py decode           # Figure 1: next-token latency and peak memory, 1K..128K
+    python bench.py decode --quick   # the same at 1K, 32K and 103K only
+    python bench.py prompt           # Table 2: one image (768 tokens) + a prompt, 256 new tokens
+    python bench.py kernel           # the SSD scan kernels (scan_kernel.benchmark)
+
+The floor. At batch 1 a decode step does ~2 flops per weight byte, so it is bound by memory:
+it must read every weight once, the K and V of every earlier token in each attention layer,
+and read and write the conv and SSM states of each Mamba-2 layer. Those bytes over the
+device-to-device copy bandwidth measured in the same run (METHOD.md) is the floor; every
+latency is printed next to it.
+
+How a step is timed. The caches are filled with random values and cache.pos is set to the
+context, instead of prefilling (a step's cost depends only on the cache's size, and prefilling
+128K tokens through the teacher would take minutes). Then the step of one token runs three ways:
+    eager     the Python model as written: one kernel launch per PyTorch op
+    graph     the same kernels captured once in a CUDA graph and replayed (no launch overhead)
+    compiled  each decoder layer through torch.compile (fuses norms, RoPE, gate and other
+              elementwise glue into few kernels), then captured in a CUDA graph
+An attention layer's graph attends up to the cache.pos of its capture: we capture per context.
+Latencies are medians over many steps, timed with CUDA events after warm-up.
+"""
+import argparse
+import contextlib
+import csv
+import gc
+import os
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmmamba import (IM_END_ID, IM_START_ID, IMAGE_ID, PRESETS, InputError, Model,
+                     expand_image_placeholder, hybrid_layout, run_cli)
+
+K = 1024
+CONTEXTS = [1 * K, 4 * K, 8 * K, 16 * K, 32 * K, 64 * K, 103 * K, 128 * K]
+QUICK_CONTEXTS = [1 * K, 32 * K, 103 * K]
+MODELS = ("teacher", "hybrid", "linear")
+PAPER_103K = {"teacher": (142.65, 21.69), "hybrid": (10.54, 8.64), "linear": (6.94, 5.22)}  # ms, GB
+PAPER_TOK_S = {"teacher": 33.0, "hybrid": 134.8, "linear": 132.4}                        # Table 2
+
+
+def layout(kind, n_layer):
+    """teacher: all attention; hybrid: the paper's 8 of 32 (layers 0, 4, 8, ...); linear: no attention."""
+    return {"teacher": "A" * n_layer, "hybrid": hybrid_layout(n_layer, attn_every=4),
+            "linear": "M" * n_layer}[kind]
+
+
+def build(cfg, kind, device, dtype):
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Model(replace(cfg, layout=layout(kind, cfg.n_layer)))
+    # one matmul per group of projections that read the same input (mmmamba.pack_for_decoding)
+    return model.to(dtype).eval().requires_grad_(False).pack_for_decoding()
+
+
+# -----------------------------------------------------------------------------
+# the floor: bytes a decode step must move
+
+
+def weight_bytes(model):
+    """Weights one decode step reads: every layer, the final norm, the LM head, and one row of
+    the embedding table. The image projector is not used while decoding."""
+    params = [*model.layers.parameters(), *model.norm.parameters(), *model.output.parameters()]
+    return sum(p.numel() * p.element_size() for p in params) + model.tok_embeddings.weight[0].nbytes
+
+
+def state_bytes(model, context):
+    """Cache bytes one step at `context` moves: per attention layer K and V of context + 1 tokens
+    (read; the new one is also written); per Mamba-2 layer the conv and SSM states, read and
+    written. Counted off a cache on the meta device: real shapes and dtypes, no memory."""
+    cache = model.new_cache(1, context + 1, device="meta")
+    return sum(sum(t.nbytes for t in c.values()) * (1 if kind == "A" else 2)
+               for kind, c in zip(model.cfg.kinds, cache.layers))
+
+
+def median_ms(fn, iters, cuda, warmup=3):
+    """Median time of fn in ms: CUDA events around each call (or the host clock on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            times.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    if cuda:
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in times]
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, nbytes=2 << 30):
+    """Device-to-device copy, bytes read + written per second (ANCHORS.md measured 3.02 TB/s)."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)   # never zeros
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), 20, device.type == "cuda")
+    return 2 * nbytes / (ms * 1e-3)
+
+
+# -----------------------------------------------------------------------------
+# one decode step: eager, graphed, compiled and graphed
+
+
+def capture(fn, pool=None, warmup=3):
+    """Record fn's kernels in a CUDA graph. Warm-up runs go on a side stream first (libraries
+    and torch.compile initialise lazily, which a capture must not do). Returns (graph, output)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
+def rel_err(a, ref):
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def decode_point(model, context, iters, cuda, compiled=None, profile=False):
+    """Time the step of token `context` + 1 after a random cache of `context` tokens. Returns
+    eager_ms, mem_gb (peak: weights + cache + step), and on CUDA graph_ms and compiled_ms with
+    each variant's relative logit error against the eager step on the same state."""
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    cache = model.new_cache(1, context + 1)
+    for c in cache.layers:
+        for t in c.values():
+            t.normal_(0, 0.5)                       # random, never zeros (METHOD.md)
+    token = torch.randint(6, model.cfg.vocab_size, (1, 1), device=model.output.weight.device)
+
+    def step():
+        cache.pos = context                         # every run decodes the same position
+        return model(token, None, cache)
+
+    row = {"eager_ms": median_ms(step, max(5, iters // 5), cuda)}
+    if not cuda:
+        return row
+    row["mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    # Mamba-2 states change in place at every step: keep a copy, so eager and graphs can be
+    # compared from the same state (the KV cache only gains the same entry at `context`).
+    states = [(t, t.clone()) for kind, c in zip(model.cfg.kinds, cache.layers) if kind == "M"
+              for t in c.values()]
+    restore = lambda: [t.copy_(saved) for t, saved in states]
+    restore()
+    ref = step().float()
+    plain = model.layers
+    try:
+        for name, layers in [("graph", plain), ("compiled", compiled)]:
+            if layers is None:
+                continue
+            model.layers = layers
+            try:
+                graph, out = capture(step)
+            except (RuntimeError, AssertionError) as e:  # torch.compile can fail on new code:
+                if name != "compiled":                   # report it, keep the other numbers
+                    raise
+                row["compiled_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                break
+            restore()
+            graph.replay()
+            row[f"{name}_err"] = rel_err(out, ref)
+            row[f"{name}_ms"] = median_ms(graph.replay, iters, cuda)
+            if profile:
+                row[f"{name}_kernels"], row[f"{name}_busy_ms"] = profile_kernels(
+                    graph.replay, f"{name} step at {context}")
+            del graph, out
+    finally:
+        model.layers = plain
+    return row
+
+
+def profile_kernels(fn, label, steps=3):
+    """torch.profiler over a few calls: kernels per call, GPU busy time per call (the sum of
+    kernel durations; the rest of the latency is gaps between kernels), the costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    avgs = [a for a in prof.key_averages() if a.self_device_time_total > 0]
+    n = sum(a.count for a in avgs) / steps
+    busy = sum(a.self_device_time_total for a in avgs) / steps / 1e3
+    print(f"  profile {label}: {n:.0f} kernels per step, GPU busy {busy:.3f} ms per step")
+    for a in sorted(avgs, key=lambda a: -a.self_device_time_total)[:14]:
+        print(f"    {a.self_device_time_total / steps:9.1f} us  {a.count / steps:5.0f}x  {a.key[:90]}")
+    return n, busy
+
+
+def measure(model, kind, context, bw, iters, cuda, compiled=None, profile=False):
+    """One row of the decode table; out-of-memory is a result, not a crash."""
+    nbytes = weight_bytes(model) + state_bytes(model, context)
+    row = {"model": kind, "context": context, "step_gb": nbytes / 1e9, "floor_ms": nbytes / bw * 1e3}
+    try:
+        row.update(decode_point(model, context, iters, cuda, compiled, profile))
+        row["best_ms"] = min(row.get(k, float("inf")) for k in ("eager_ms", "graph_ms", "compiled_ms"))
+        row["ratio"] = row["best_ms"] / row["floor_ms"]
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "OOM"
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def attention_decode(cfg, contexts, bw):
+    """One attention layer's decode (1 query, 16 heads on 8 KV heads) through SDPA, several ways,
+    in us per call, against its floor (K and V read once). "gqa" is what the model does
+    (enable_gqa); "rows" views the 2 query heads sharing a KV head as 2 query rows."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    ways = {"gqa": None, "rows": None, "flash gqa": SDPBackend.FLASH_ATTENTION,
+            "flash rows": SDPBackend.FLASH_ATTENTION, "efficient rows": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn rows": SDPBackend.CUDNN_ATTENTION}
+    print("\none attention layer's decode, us per call (graph of 10 calls)")
+    print(f"{'context':>8} {'floor':>7} " + " ".join(f"{w:>14}" for w in ways))
+    for T in contexts:
+        q = torch.randn(1, H, 1, hd, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, Hkv, T + 1, hd, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+        cells = []
+        for way, backend in ways.items():
+            if way.endswith("rows"):
+                call = lambda: F.scaled_dot_product_attention(q.view(1, Hkv, H // Hkv, hd), k, v)
+            else:
+                call = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            try:
+                with sdpa_kernel(backend) if backend else contextlib.nullcontext():
+                    graph, _ = capture(lambda: [call() for _ in range(10)])
+                cells.append(f"{median_ms(graph.replay, 50, True) * 100:14.1f}")
+            except RuntimeError:                            # a backend that refuses these inputs
+                cells.append(f"{'n/a':>14}")
+        print(f"{T:>8} {2 * k.nbytes / bw * 1e6:7.1f} " + " ".join(cells))
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+# -----------------------------------------------------------------------------
+# output: markdown tables, CSV, plot
+
+
+def fmt(row, key, spec=".2f"):
+    if row.get("status"):
+        return row["status"]
+    return format(row[key], spec) if key in row else "-"
+
+
+def markdown(header, lines):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(out + ["| " + " | ".join(map(str, line)) + " |" for line in lines])
+
+
+def decode_table(rows):
+    """Context down, per model: latency (best way), floor, latency / floor, peak memory."""
+    kinds = [k for k in MODELS if any(r["model"] == k for r in rows)]
+    header = ["context"] + [f"{k} {c}" for k in kinds for c in ("ms", "floor", "x floor", "GB")]
+    lines = []
+    for T in sorted({r["context"] for r in rows}):
+        line = [f"{T // K}K"]
+        for k in kinds:
+            r = next((r for r in rows if r["model"] == k and r["context"] == T), {})
+            line += [fmt(r, "best_ms"), fmt(r, "floor_ms"), fmt(r, "ratio"), fmt(r, "mem_gb")]
+        lines.append(line)
+    return markdown(header, lines)
+
+
+def ways_table(rows):
+    header = ["model", "context", "eager ms", "graph ms", "compiled ms", "floor ms", "kernels graph/compiled"]
+    return markdown(header, [[r["model"], f"{r['context'] // K}K", fmt(r, "eager_ms"), fmt(r, "graph_ms"),
+                              fmt(r, "compiled_ms"), fmt(r, "floor_ms"),
+                              f"{fmt(r, 'graph_kernels', '.0f')}/{fmt(r, 'compiled_kernels', '.0f')}"]
+                             for r in rows])
+
+
+def write_csv(rows, path):
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (the table and CSV have every number)")
+        return
+    fig, (lat, mem) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for kind, color in zip(MODELS, ("C3", "C1", "C0")):
+        r = [r for r in rows if r["model"] == kind and "best_ms" in r]
+        if not r:
+            continue
+        ctx = [x["context"] / K for x in r]
+        lat.plot(ctx, [x["best_ms"] for x in r], "o-", color=color, label=kind)
+        lat.plot(ctx, [x["floor_ms"] for x in r], "--", color=color, alpha=0.5, label=f"{kind} floor")
+        mem.plot(ctx, [x["mem_gb"] for x in r], "o-", color=color, label=kind)
+    for ax, title in ((lat, "next-token latency (ms)"), (mem, "peak GPU memory (GB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (K tokens)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def paper_table(rows, context=103 * K):
+    """Our speedup and memory saving over the teacher at 103K next to the paper's (RTX 4090)."""
+    at = {r["model"]: r for r in rows if r["context"] == context and "best_ms" in r}
+    if "teacher" not in at:
+        return f"(no teacher result at {context // K}K: no comparison with the paper)"
+    t, (pt_ms, pt_gb) = at["teacher"], PAPER_103K["teacher"]
+    lines = []
+    for kind in [k for k in MODELS if k in at]:
+        r, (p_ms, p_gb) = at[kind], PAPER_103K[kind]
+        lines.append([kind, f"{r['best_ms']:.2f}", f"{t['best_ms'] / r['best_ms']:.1f}x",
+                      f"{t['floor_ms'] / r['floor_ms']:.1f}x", f"{pt_ms / p_ms:.1f}x",
+                      f"{r['mem_gb']:.2f}", f"{1 - r['mem_gb'] / t['mem_gb']:.1%}", f"{1 - p_gb / pt_gb:.1%}"])
+    return markdown(["model", "ms (ours)", "speedup (ours)", "speedup of floors", "speedup (paper)",
+                     "GB (ours)", "memory saved (ours)", "memory saved (paper)"], lines)
+
+
+def run_decode(args):
+    if not torch.cuda.is_available():
+        raise InputError("bench.py decode times the paper preset on a CUDA GPU and none is visible "
+                         "(tests/test_bench.py runs this code on the CPU with a tiny model)")
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, batch 1; "
+          f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    cfg = PRESETS[args.preset]
+    contexts = QUICK_CONTEXTS if args.quick else [int(c) for c in args.contexts.split(",")]
+    if args.profile:
+        attention_decode(cfg, contexts, bw)
+    torch._dynamo.config.recompile_limit = 64     # teacher and hybrid share compiled layer code
+    os.makedirs(args.out_dir, exist_ok=True)
+    rows = []
+    for kind in args.models.split(","):
+        model = build(cfg, kind, dev, torch.bfloat16)
+        compiled = None if args.no_compile else nn.ModuleList(torch.compile(l) for l in model.layers)
+        print(f"\n{kind}: layout {model.cfg.kinds}, weights read per step {weight_bytes(model) / 1e9:.2f} GB")
+        for i, T in enumerate(contexts):
+            t0 = time.time()
+            profile = args.profile and i in (0, len(contexts) - 1)
+            row = measure(model, kind, T, bw, args.iters, True, compiled, profile)
+            if "compiled_error" in row:
+                print(f"  torch.compile failed, continuing without it: {row['compiled_error']}")
+                compiled = None
+            rows.append(row)
+            write_csv(rows, os.path.join(args.out_dir, "bench_decode.csv"))
+            print(f"  {T // K:>4}K: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in row.items() if k not in ("model", "context"))
+                  + f" ({time.time() - t0:.0f} s)")
+        del model, compiled
+        gc.collect()
+        torch.cuda.empty_cache()
+    print(f"\n## Next-token latency (ms) and peak memory (GB), {torch.cuda.get_device_name()}, "
+          f"copy bandwidth {bw / 1e12:.2f} TB/s\n")
+    print(decode_table(rows))
+    print("\n## The three ways of running a step\n")
+    print(ways_table(rows))
+    print("\n## At 103K against the paper (RTX 4090, PAPER.md section 6)\n")
+    print(paper_table(rows))
+    plot(rows, os.path.join(args.out_dir, "bench_decode.png"))
+
+
+# -----------------------------------------------------------------------------
+# Table 2: one image and a short prompt, then 256 new tokens
+
+
+def generation_ms(model, tokens, images, n_new, layers=None, graphs=False):
+    """Prefill the prompt, then n_new - 1 greedy steps (the prefill gives the first token) with
+    `layers` (default: the model's own), each step eager or a CUDA graph captured beforehand,
+    one per position (an attention layer attends up to a fixed position). Tokens stay on the
+    GPU: no host sync per token. Returns (prefill ms, decode ms, capture s)."""
+    cache = model.new_cache(1, tokens.shape[1] + n_new)
+    tok = torch.zeros(1, 1, dtype=torch.long, device=tokens.device)
+    first, plain = tokens.shape[1], model.layers
+    positions = range(first, first + n_new - 1)
+
+    def step_at(pos):
+        def step():
+            cache.pos = pos
+            tok.copy_(model(tok, None, cache)[:, -1:].argmax(-1))
+        return step
+
+    steps, capture_s = [step_at(p) for p in positions], 0.0
+    model.layers = layers if layers is not None else plain
+    try:
+        if graphs:  # captures only record; the first one's warm-up writes are overwritten later
+            t0 = time.time()
+            g0, _ = capture(steps[0], warmup=1)
+            steps = [g0.replay] + [capture(s, pool=g0.pool(), warmup=0)[0].replay for s in steps[1:]]
+            capture_s = time.time() - t0
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        torch.cuda.synchronize()
+        events[0].record()
+        model.layers, cache.pos = plain, 0          # prefill: always the plain layers
+        tok.copy_(model(tokens, images, cache)[:, -1:].argmax(-1))
+        model.layers = layers if layers is not None else plain
+        events[1].record()
+        for step in steps:
+            step()
+        events[2].record()
+        torch.cuda.synchronize()
+    finally:
+        model.layers = plain
+    return events[0].elapsed_time(events[1]), events[1].elapsed_time(events[2]), capture_s
+
+
+def run_prompt(args):
+    if not torch.cuda.is_available():
+        raise InputError("bench.py prompt times the paper preset on a CUDA GPU and none is visible")
+    dev = torch.device("cuda")
+    cfg = PRESETS[args.preset]
+    # 768 visual tokens = one image as HoVLE's dynamic tiling cuts it: 3 tiles of 448 px
+    # (2 tiles + a thumbnail), 256 tokens each. Random ids of the prompt's length stand in for
+    # "Describe the image specifically" in the chat template (no tokenizer needed for timing).
+    tiles, g = 3, torch.Generator().manual_seed(0)
+    text = lambda n: torch.randint(6, cfg.vocab_size, (n,), generator=g).tolist()
+    ids = [IM_START_ID] + text(2) + [IMAGE_ID] + text(8) + [IM_END_ID, IM_START_ID] + text(2)
+    ids = expand_image_placeholder(ids, tiles * cfg.n_img_tokens)
+    tokens = torch.tensor([ids], device=dev)
+    images = torch.rand(tiles, 3, cfg.img_size, cfg.img_size, device=dev) * 2 - 1
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, batch 1; prompt "
+          f"{tokens.shape[1]} tokens ({tiles * cfg.n_img_tokens} visual), {args.new_tokens} new tokens")
+    torch._dynamo.config.recompile_limit = 64
+    rows = []
+    for kind in args.models.split(","):
+        model = build(cfg, kind, dev, torch.bfloat16)
+        compiled = None if args.no_compile else nn.ModuleList(torch.compile(l) for l in model.layers)
+        row = {"model": kind, "prompt_tokens": tokens.shape[1], "new_tokens": args.new_tokens}
+        for way, layers, graphs in [("eager", None, False), ("graph", None, True), ("compiled", compiled, True)]:
+            if way == "compiled" and compiled is None:
+                continue
+            generation_ms(model, tokens, images, 4, layers)   # warm-up; compiles at 3 positions
+            prefill, decode, cap = generation_ms(model, tokens, images, args.new_tokens, layers, graphs)
+            row.update({"prefill_ms": prefill, f"{way}_decode_ms": decode, f"{way}_capture_s": cap,
+                        f"{way}_tok_s": args.new_tokens / ((prefill + decode) * 1e-3)})
+            print(f"  {kind} {way}: prefill {prefill:.1f} ms, decode {decode:.1f} ms, "
+                  f"{row[f'{way}_tok_s']:.1f} tok/s (graph capture {cap:.1f} s, not counted)")
+        rows.append(row)
+        del model, compiled
+        gc.collect()
+        torch.cuda.empty_cache()
+    os.makedirs(args.out_dir, exist_ok=True)
+    write_csv(rows, os.path.join(args.out_dir, "bench_prompt.csv"))
+    lines = [[r["model"], r["prompt_tokens"], fmt(r, "prefill_ms", ".1f")]
+             + [fmt(r, f"{w}_decode_ms", ".1f") for w in ("eager", "graph", "compiled")]
+             + [fmt(r, f"{w}_tok_s", ".1f") for w in ("eager", "graph", "compiled")]
+             + [PAPER_TOK_S[r["model"]]] for r in rows]
+    print(f"\n## Table 2 protocol, {torch.cuda.get_device_name()} (tok/s = new tokens / (prefill + decode))\n")
+    print(markdown(["model", "prompt", "prefill ms (last way)", "decode ms eager", "graph", "compiled",
+                    "tok/s eager", "graph", "compiled", "tok/s paper (4090)"], lines))
+
+
+def run_kernel(args):
+    import scan_kernel
+    if not hasattr(scan_kernel, "benchmark"):
+        print("scan_kernel.benchmark() does not exist yet: the Triton kernels' benchmark lives there")
+        return
+    scan_kernel.benchmark()
+
+
+def main():
+    p = argparse.ArgumentParser(description="mmMamba speed and memory (PAPER.md section 6)")
+    p.add_argument("what", choices=["decode", "prompt", "kernel"], help="which benchmark to run")
+    p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="decode: context lengths")
+    p.add_argument("--quick", action="store_true", help="decode: only 1K, 32K and 103K")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: teacher,hybrid,linear")
+    p.add_argument("--preset", default="paper", choices=list(PRESETS), help="model dimensions")
+    p.add_argument("--iters", type=int, default=100, help="decode: timed graph replays per point")
+    p.add_argument("--new-tokens", type=int, default=256, help="prompt: tokens to generate")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    p.add_argument("--profile", action="store_true",
+                   help="decode: profile the first and last context, and time SDPA variants")
+    p.add_argument("--out-dir", default="bench_out", help="where the CSV and PNG go")
+    args = p.parse_args()
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        raise InputError(f"unknown models {sorted(unknown)}: choose from {','.join(MODELS)}")
+    torch.set_grad_enabled(False)
+    {"decode": run_decode, "prompt": run_prompt, "kernel": run_kernel}[args.what](args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

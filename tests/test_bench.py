@@ -1,0 +1,73 @@
+"""bench.py on the CPU: the floor's byte counts against the real cache tensors, one timed decode
+point of a tiny model, and the table and CSV writers (the GPU runs need `python bench.py`)."""
+import csv
+
+import torch
+
+from bench import (decode_table, markdown, measure, paper_table, state_bytes, weight_bytes,
+                   write_csv, build)
+from mmmamba import Config
+
+CFG = Config(vocab_size=50, n_layer=4, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=48,
+             max_seq_len=128, img_size=8, img_patch=4, img_dim=8, chunk_size=8, scan_backend="torch")
+
+
+def test_state_bytes_count_the_cache():
+    model = build(CFG, "hybrid", "cpu", torch.float32)            # attention every 4th layer
+    assert model.cfg.kinds == "AMMM"
+    T = 20
+    cache = model.new_cache(1, T + 1)
+    attn = sum(t.nbytes for c in cache.layers[:1] for t in c.values())
+    mamba = sum(t.nbytes for c in cache.layers[1:] for t in c.values())
+    assert state_bytes(model, T) == attn + 2 * mamba               # Mamba states: read + written
+    # one more token of context costs K and V of 2 KV heads x 8 dims in the attention layer
+    assert state_bytes(model, T + 1) - state_bytes(model, T) == 2 * (2 * 8) * 4
+    linear = build(CFG, "linear", "cpu", torch.float32)
+    assert state_bytes(linear, 10) == state_bytes(linear, 100)    # O(1) in the context
+
+
+def test_weight_bytes_leave_out_the_embedding_table_and_image_projector():
+    model = build(CFG, "teacher", "cpu", torch.bfloat16)
+    everything = sum(p.numel() for p in model.parameters())
+    unused = sum(p.numel() for p in model.vision.parameters()) + (CFG.vocab_size - 1) * CFG.d_model
+    assert weight_bytes(model) == 2 * (everything - unused)
+
+
+def test_decode_point_and_outputs(tmp_path):
+    rows = []
+    for kind in ("teacher", "hybrid", "linear"):
+        model = build(CFG, kind, "cpu", torch.float32)
+        row = measure(model, kind, 64, bw=1e10, iters=3, cuda=False)
+        assert row["eager_ms"] > 0 and row["best_ms"] == row["eager_ms"]
+        assert row["floor_ms"] == row["step_gb"] * 1e9 / 1e10 * 1e3
+        row["mem_gb"] = 0.1                                         # a GPU-only number
+        rows.append(row)
+    rows.append({"model": "teacher", "context": 128 * 1024, "floor_ms": 1.0, "status": "OOM"})
+    table = decode_table(rows)
+    assert table.count("\n") == 1 + 2 and "OOM" in table and "| 0K |" in table
+    assert "speedup" in paper_table(rows, context=64)
+    assert markdown(["a", "b"], [[1, 2]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
+    write_csv(rows, tmp_path / "d.csv")
+    back = list(csv.DictReader(open(tmp_path / "d.csv")))
+    assert len(back) == 4 and back[-1]["status"] == "OOM" and back[0]["model"] == "teacher"
+
+
+def test_packed_projections_decode_the_same():
+    """pack_for_decoding (one matmul per group of projections) changes nothing but speed."""
+    for kind in ("teacher", "hybrid"):
+        model = build(CFG, kind, "cpu", torch.float64)
+        keys = set(model.state_dict())
+        tokens = torch.randint(6, CFG.vocab_size, (1, 9))
+        outs = []
+        for packed in (False, True):
+            if packed:
+                model.pack_for_decoding()
+            cache = model.new_cache(1)
+            outs.append(torch.cat([model(tokens[:, :5], None, cache)]
+                                  + [model(tokens[:, t:t + 1], None, cache) for t in range(5, 9)], 1))
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10)
+        assert set(model.state_dict()) == keys
+        mixer = model.layers[-1].mixer                               # views into the packed matrix
+        assert all(p.untyped_storage().data_ptr() == mixer.packed.untyped_storage().data_ptr()
+                   for name, p in mixer.named_parameters() if name.endswith("proj.weight")
+                   and not name.startswith("o_proj"))
