@@ -23,10 +23,10 @@ context, instead of prefilling (a step's cost depends only on the cache's size, 
 An attention layer's graph attends up to the cache.pos of its capture: we capture per context.
 Latencies are medians over many steps, timed with CUDA events after warm-up.
 """
-import argparse
 import contextlib
 import csv
 import gc
+import json
 import os
 import statistics
 import time
@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmmamba import (IM_END_ID, IM_START_ID, IMAGE_ID, PRESETS, InputError, Model,
-                     expand_image_placeholder, hybrid_layout, run_cli)
+from mmmamba import (IM_END_ID, IM_START_ID, IMAGE_ID, PRESETS, ArgumentParser, InputError, Model,
+                     expand_image_placeholder, hybrid_layout, load_checkpoint, run_cli)
 
 K = 1024
 CONTEXTS = [1 * K, 4 * K, 8 * K, 16 * K, 32 * K, 64 * K, 103 * K, 128 * K]
@@ -483,9 +483,47 @@ def run_kernel(args):
     scan_kernel.benchmark()
 
 
+def run_curves(args):
+    """The training loss of every stage of a distill.py run (kept per step in its checkpoints):
+    losses.json, and loss_curves.png with one panel per stage if matplotlib is installed."""
+    curves = {}
+    for name in sorted(os.listdir(args.run_dir)):
+        if name.endswith(".pt"):
+            curves[name[:-3]] = load_checkpoint(os.path.join(args.run_dir, name)).get("losses", [])
+    if not curves:
+        raise InputError(f"no checkpoints in {args.run_dir}: run 'python distill.py --out-dir {args.run_dir}' first")
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "losses.json"), "w") as f:
+        json.dump(curves, f)
+    for name, ys in curves.items():
+        print(f"{name:<16} {len(ys):>6} steps, loss {ys[0] if ys else float('nan'):.4g} -> {ys[-1] if ys else float('nan'):.4g}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: losses.json written, no plot")
+        return
+    titles = ["stage 0: teacher cross-entropy", "stage 1: layer-wise MSE x 1000",
+              "stage 2: layer-wise MSE x 1000", "stage 3: KL(teacher || student)"]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for stage, (ax, title) in enumerate(zip(axes, titles)):
+        for name, ys in curves.items():
+            if name.startswith(f"stage{stage}_") and ys:
+                ax.plot(ys, label=name.split("_", 1)[1], lw=0.8)
+        ax.set(title=title, yscale="log", xlabel="step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out_dir, "loss_curves.png"), dpi=110)
+    print(f"wrote {os.path.join(args.out_dir, 'loss_curves.png')}")
+
+
 def main():
-    p = argparse.ArgumentParser(description="mmMamba speed and memory (PAPER.md section 6)")
-    p.add_argument("what", choices=["decode", "prompt", "kernel"], help="which benchmark to run")
+    p = ArgumentParser(description="mmMamba speed and memory (PAPER.md section 6), and training curves")
+    p.add_argument("what", choices=["decode", "prompt", "kernel", "curves"], help="which benchmark to run "
+                   "('curves' plots the losses of a distill.py run)")
+    p.add_argument("--run-dir", default="out", help="curves: the --out-dir of a distill.py run")
     p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="decode: context lengths")
     p.add_argument("--quick", action="store_true", help="decode: only 1K, 32K and 103K")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: teacher,hybrid,linear")
@@ -501,7 +539,7 @@ def main():
     if unknown:
         raise InputError(f"unknown models {sorted(unknown)}: choose from {','.join(MODELS)}")
     torch.set_grad_enabled(False)
-    {"decode": run_decode, "prompt": run_prompt, "kernel": run_kernel}[args.what](args)
+    {"decode": run_decode, "prompt": run_prompt, "kernel": run_kernel, "curves": run_curves}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Dimension glossary (paper letters in brackets, PAPER.md sections 1-2):
     P  Mamba-2 head dim of x (= v)   N  Mamba-2 state size (of B = k and C = q)
     K  causal conv kernel size (2)   V  vocabulary       Np image patches per image
 """
+import argparse
 import math
 import os
 import sys
@@ -66,12 +67,13 @@ class Config:
 
 
 PRESETS = {
-    # the classroom default: about 1M parameters, trains on a 2-core CPU in minutes. 8 px
-    # patches (16 image tokens) and 32-token chunks keep a CPU training step short.
-    "tiny": Config(img_patch=16, chunk_size=32),
-    # a GPU model of tens of millions of parameters
+    # the classroom default: about 1.1M parameters, trains on a 2-core CPU in minutes. 8 px
+    # patches (16 image tokens, 4 per shape cell) and 32-token chunks keep a CPU step short.
+    "tiny": Config(img_patch=8, chunk_size=32),
+    # a GPU model of tens of millions of parameters; 16 px patches of 64 px images: again 16
+    # image tokens, 4 per shape cell, with 4x the pixels in each
     "small": Config(n_layer=8, d_model=512, n_head=8, n_kv_head=4, head_dim=64, d_mlp=1536,
-                    max_seq_len=512, img_size=64, img_patch=4, img_dim=256, vocab_size=2048),
+                    max_seq_len=512, img_size=64, img_patch=16, img_dim=256, vocab_size=2048),
     # HoVLE's dimensions (PAPER.md section 1), random weights, for benchmarks. 448 px / 14 px
     # patches without HoVLE's 2x2 pixel shuffle would give 1024 tokens; we take 28 px patches
     # so an image is 256 tokens, as after HoVLE's merge.
@@ -500,6 +502,25 @@ def model_from_checkpoint(ckpt):
 def checkpoint_of(model, **extra):
     """The plain dict saved for a model (the state of the unwrapped module, as in nanoGPT)."""
     return {"config": asdict(model.cfg), "model": model.state_dict(), **extra}
+
+
+def get_device(name):
+    """torch.device(name), or an InputError if this machine has no such device."""
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+        return device
+    except (RuntimeError, AssertionError) as e:
+        raise InputError(f"--device {name}: not available here ({str(e).splitlines()[0][:80]}); "
+                         "use --device cpu or leave --device out") from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with bad flags reported in one line (exit code 2), like every other input error."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_cli(main):

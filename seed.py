@@ -25,14 +25,13 @@ inherit (copy q/k/v/o, Mamba-2's default init for the rest), scratch (only W_O c
 
     python seed.py --teacher out/stage0_teacher.pt --out out/seeded.pt [--attn-every 4]
 """
-import argparse
 import math
 from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
-from mmmamba import (InputError, Model, checkpoint_of, hybrid_layout, load_checkpoint,
+from mmmamba import (ArgumentParser, InputError, Model, checkpoint_of, hybrid_layout, load_checkpoint,
                      model_from_checkpoint, run_cli, save_checkpoint)
 
 COPY = {"q_proj": "c_proj", "k_proj": "b_proj", "v_proj": "x_proj", "o_proj": "o_proj"}
@@ -100,7 +99,7 @@ def seed_student(teacher, layout, init="mimic"):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Seed a Mamba-2 (or hybrid) student from a teacher.")
+    ap = ArgumentParser(description="Seed a Mamba-2 (or hybrid) student from a teacher.")
     ap.add_argument("--teacher", required=True, help="teacher checkpoint (distill.py stage 0)")
     ap.add_argument("--out", required=True, help="where to write the seeded student checkpoint")
     group = ap.add_mutually_exclusive_group()

@@ -1,0 +1,277 @@
+"""
+Data for mmmamba: a synthetic "shapes world" that ships with the code, your own data in
+the LLaVA conversation format, the byte-level BPE tokenizer, and batches for training.
+
+Read in this order: the shapes world (scenes, drawing, conversations, splits), bring your
+own data (LLaVA JSON), images from files, the tokenizer and the chat template, batches.
+
+An example is a dict {"scene" or "path", "question", "answer", "kind", "template"}: the
+image is drawn from its scene (shapes world) or read from its path (LLaVA) only when a
+batch needs it, so a split of many thousand examples costs almost no memory.
+
+Dimension glossary: B batch, T tokens, S image side (cfg.img_size), Np image tokens.
+"""
+import json
+import os
+import random
+import warnings
+from collections import Counter, defaultdict
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from mmmamba import PAD_ID, SPECIAL_TOKENS, InputError, expand_image_placeholder
+
+# -----------------------------------------------------------------------------
+# the shapes world: one to three shapes, each of a different kind and colour, in the cells
+# of a 2x2 grid, on a plain or textured background. Questions need the image to answer.
+
+SHAPES = ["circle", "square", "triangle", "diamond"]
+COLORS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215),
+          "yellow": (230, 190, 20), "purple": (140, 60, 180)}
+SIZES = {"small": 0.28, "large": 0.46}                # shape radius as a fraction of a cell
+CELLS = ["top left", "top right", "bottom left", "bottom right"]
+NUMBERS = ["zero", "one", "two", "three"]
+DRAW_SIZE = 64                                      # drawn at 64 px, resized to cfg.img_size
+SPLIT_SEEDS = {"train": 0, "val": 10**8, "test": 2 * 10**8}   # disjoint ranges of image seeds
+CAPTION = "Describe the image."
+
+
+def make_scene(seed):
+    """A random scene, a plain dict, fully determined by the integer seed."""
+    rng = random.Random(seed)
+    n = rng.choice([1, 2, 3])
+    objects = [{"shape": s, "color": c, "size": rng.choice(list(SIZES)), "cell": cell}
+               for s, c, cell in zip(rng.sample(SHAPES, n), rng.sample(list(COLORS), n),
+                                     sorted(rng.sample(range(4), n)))]   # reading order
+    background = {"kind": rng.choice(["plain", "noise", "stripes"]),
+                  "tone": rng.randint(170, 250), "seed": rng.randrange(2**31)}
+    return {"objects": objects, "background": background, "seed": seed}
+
+
+def draw_scene(scene):
+    """Render a scene as a DRAW_SIZE x DRAW_SIZE RGB PIL image."""
+    bg, S = scene["background"], DRAW_SIZE
+    rng = np.random.default_rng(bg["seed"])
+    pixels = np.full((S, S, 3), bg["tone"], dtype=np.int16)
+    if bg["kind"] == "noise":
+        pixels += rng.integers(-25, 25, (S, S, 1), dtype=np.int16)
+    elif bg["kind"] == "stripes":
+        period = int(rng.integers(4, 9))
+        stripe = (np.arange(S) // (period // 2 + 1)) % 2 == 0
+        pixels[stripe if rng.random() < 0.5 else (slice(None), stripe)] -= 30
+    img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    draw, cell = ImageDraw.Draw(img), S // 2
+    for o in scene["objects"]:
+        r = SIZES[o["size"]] * cell
+        # centred in its cell: one patch token sees one whole shape in one place, so the linear
+        # patch embedding can tell shapes apart (with random offsets a 1.1M-parameter teacher
+        # stayed near chance on shape questions: 63% QA instead of 80+%)
+        cx, cy = (o["cell"] % 2 + 0.5) * cell, (o["cell"] // 2 + 0.5) * cell
+        color = COLORS[o["color"]]
+        if o["shape"] == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        elif o["shape"] == "square":
+            draw.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=color)
+        elif o["shape"] == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=color)
+        else:  # diamond
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=color)
+    return img
+
+
+def describe(o):
+    return f"a {o['size']} {o['color']} {o['shape']}"
+
+
+def caption(scene):
+    """'a small red circle left of a large blue square', objects in reading order."""
+    objs = scene["objects"]
+    if len(objs) == 1:
+        return f"{describe(objs[0])} at the {CELLS[objs[0]['cell']]}"
+    if len(objs) == 2:
+        same_row = objs[0]["cell"] // 2 == objs[1]["cell"] // 2
+        return f"{describe(objs[0])} {'left of' if same_row else 'above'} {describe(objs[1])}"
+    return f"{describe(objs[0])}, {describe(objs[1])} and {describe(objs[2])}"
+
+
+def conversations(scene):
+    """A caption and one question per template, as (template, question, answer) triples.
+    Shapes and colours are unique within a scene, so every question has one answer."""
+    rng = random.Random(scene["seed"] + 1)
+    objs = scene["objects"]
+    o = rng.choice(objs)
+    present = {x["shape"] for x in objs}
+    asked = rng.choice(sorted(present) if rng.random() < 0.5 else sorted(set(SHAPES) - present))
+    return [("caption", CAPTION, caption(scene)),
+            ("color", f"What color is the {o['shape']}?", o["color"]),
+            ("shape", f"What shape is the {o['color']} one?", o["shape"]),
+            ("count", "How many shapes are there?", NUMBERS[len(objs)]),
+            ("where", f"Where is the {o['shape']}?", CELLS[o["cell"]]),
+            ("exists", f"Is there a {asked}?", "yes" if asked in present else "no"),
+            ("size", f"Is the {o['shape']} small or large?", o["size"])]
+
+
+def shapes_split(split, n_images):
+    """Examples of a split: n_images scenes with seeds from the split's own range."""
+    examples = []
+    for i in range(n_images):
+        scene = make_scene(SPLIT_SEEDS[split] + i)
+        for template, q, a in conversations(scene):
+            examples.append({"scene": scene, "question": q, "answer": a, "template": template,
+                             "kind": "caption" if template == "caption" else "qa"})
+    return examples
+
+
+def blind_baseline(train, test):
+    """Accuracy of a text-only model: the most common training answer to the exact same
+    question (or to any question, if unseen), on the test questions. No image is used."""
+    by_question, overall = defaultdict(Counter), Counter()
+    for ex in train:
+        by_question[ex["question"]][ex["answer"]] += 1
+        overall[ex["answer"]] += 1
+    guess = lambda q: (by_question[q] or overall).most_common(1)[0][0]
+    qa = [ex for ex in test if ex["kind"] == "qa"]
+    return sum(guess(ex["question"]) == ex["answer"] for ex in qa) / max(len(qa), 1)
+
+
+# -----------------------------------------------------------------------------
+# bring your own data: LLaVA conversation JSON, a list of
+#   {"image": "rel/path.jpg", "conversations": [{"from": "human", "value": "<image>\n..."},
+#                                                {"from": "gpt", "value": "..."}, ...]}
+# Each (human, gpt) turn becomes one single-turn example with the image (a simplification:
+# later turns do not see earlier ones). Every 10th record is held out for evaluation.
+
+
+def llava_splits(path, image_root):
+    if not os.path.isfile(path):
+        raise InputError(f"no data file at {path}: pass a LLaVA-style JSON list with --data")
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON ({e}): give a LLaVA-style list of records") from None
+    train, test = [], []
+    for r, rec in enumerate(records if isinstance(records, list) else [None]):
+        if not isinstance(rec, dict) or "image" not in rec or "conversations" not in rec:
+            raise InputError(f"{path} record {r}: needs 'image' and 'conversations' keys (LLaVA format)")
+        image = os.path.join(image_root, rec["image"])
+        if not os.path.isfile(image):
+            raise InputError(f"{path} record {r}: image {image} not found: check --image-root")
+        turns = rec["conversations"]
+        for human, gpt in zip(turns[0::2], turns[1::2]):
+            if human.get("from") != "human" or gpt.get("from") != "gpt":
+                raise InputError(f"{path} record {r}: turns must alternate 'from': human, gpt")
+            question = human["value"].replace("<image>", "").strip()
+            ex = {"path": image, "question": question, "answer": gpt["value"].strip(),
+                  "template": "llava", "kind": "qa"}
+            (test if r % 10 == 0 else train).append(ex)
+    if not train or not test:
+        raise InputError(f"{path}: {len(train)} training and {len(test)} held-out turns; "
+                         "give at least 2 records with conversations")
+    return train, test
+
+
+# -----------------------------------------------------------------------------
+# images: one path from any file Pillow reads to the model's input, shared with sample.py
+
+
+def to_rgb(img):
+    """Any Pillow mode -> RGB. 16/32-bit and float images are stretched to 0..255;
+    transparency is composited onto white; animated images give their first frame."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(img, dtype=np.float32)
+        a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6) * 255
+        img = Image.fromarray(a.astype(np.uint8))
+    if img.mode == "P" or img.mode.endswith("A"):                      # P may carry transparency
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert("RGB")
+
+
+def image_tensor(img, size):
+    """PIL image -> (3, S, S) float tensor in [-1, 1] (squashed to a square, not cropped)."""
+    img = to_rgb(img).resize((size, size), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())        # (S, S, 3)
+    return x.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def load_image(path, size):
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a directory: pass an image file")
+    if not os.path.isfile(path):
+        raise InputError(f"no image at {path}: check the path")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns about images of over ~89M pixels: a decompression bomb, refuse it
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.seek(0)                                             # first frame of an animation
+                return image_tensor(img, size)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise InputError(f"{path} is too large to decode safely ({e.args[0].split('.')[0]}): "
+                         "resize it below 89 megapixels first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{path} is not an image Pillow can read ({type(e).__name__}: "
+                         "missing, truncated or not an image file)") from None
+
+
+def example_image(ex, size):
+    return image_tensor(draw_scene(ex["scene"]), size) if "scene" in ex else load_image(ex["path"], size)
+
+
+# -----------------------------------------------------------------------------
+# the tokenizer and the ChatML template
+
+
+def prompt_text(question):
+    return f"<|im_start|>user\n<image>\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def answer_text(answer):
+    return f"{answer}<|im_end|>"
+
+
+def train_tokenizer(examples, vocab_size):
+    """Byte-level BPE on the training text; special tokens first, so their ids are 0..5."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    texts = (prompt_text(ex["question"]) + answer_text(ex["answer"]) for ex in examples)
+    tok.train_from_iterator(texts, trainer)
+    ids = [tok.token_to_id(s) for s in SPECIAL_TOKENS]
+    assert ids == list(range(len(SPECIAL_TOKENS))), f"special token ids {ids}, expected 0..5"
+    assert tok.get_vocab_size() <= vocab_size, f"tokenizer has {tok.get_vocab_size()} > {vocab_size} tokens"
+    return tok
+
+
+def encode_prompt(tok, question, n_img_tokens):
+    """Token ids of the user turn and the assistant header, <image> expanded to its slots."""
+    return expand_image_placeholder(tok.encode(prompt_text(question)).ids, n_img_tokens)
+
+
+# -----------------------------------------------------------------------------
+# batches: right-padded, with targets that score only the assistant's answer and <|im_end|>
+
+
+def make_batch(examples, tok, cfg, device="cpu"):
+    """-> tokens (B, T), targets (B, T) with -1 where nothing is scored, images (B, 3, S, S)."""
+    prompts = [encode_prompt(tok, ex["question"], cfg.n_img_tokens) for ex in examples]
+    answers = [tok.encode(answer_text(ex["answer"])).ids for ex in examples]
+    T = max(len(p) + len(a) for p, a in zip(prompts, answers)) - 1
+    if T > cfg.max_seq_len:
+        raise InputError(f"an example of {T} tokens is longer than max_seq_len {cfg.max_seq_len}: "
+                         "shorten the text or use a larger preset")
+    tokens = torch.full((len(examples), T), PAD_ID, dtype=torch.long)
+    targets = torch.full((len(examples), T), -1, dtype=torch.long)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        ids = p + a
+        tokens[i, :len(ids) - 1] = torch.tensor(ids[:-1])
+        targets[i, len(p) - 1:len(ids) - 1] = torch.tensor(a)          # predict the answer tokens
+    images = torch.stack([example_image(ex, cfg.img_size) for ex in examples])
+    return tokens.to(device), targets.to(device), images.to(device)
