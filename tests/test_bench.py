@@ -71,3 +71,18 @@ def test_packed_projections_decode_the_same():
         assert all(p.untyped_storage().data_ptr() == mixer.packed.untyped_storage().data_ptr()
                    for name, p in mixer.named_parameters() if name.endswith("proj.weight")
                    and not name.startswith("o_proj"))
+
+
+def test_curves_reads_the_losses_of_a_run(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    import bench
+    from mmmamba import Model, checkpoint_of, save_checkpoint
+    model = Model(CFG)
+    save_checkpoint(tmp_path / "stage0_teacher.pt", checkpoint_of(model, losses=[3.5, 2.25, 1.0]))
+    save_checkpoint(tmp_path / "stage1_linear.pt", checkpoint_of(model, losses=[9.0, 4.0]))
+    monkeypatch.setattr(sys, "argv", ["bench.py", "curves", "--run-dir", str(tmp_path), "--out-dir", str(tmp_path / "c")])
+    bench.main()
+    curves = json.load(open(tmp_path / "c" / "losses.json"))
+    assert curves == {"stage0_teacher": [3.5, 2.25, 1.0], "stage1_linear": [9.0, 4.0]}
