@@ -538,8 +538,8 @@ def main():
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
         raise InputError(f"unknown models {sorted(unknown)}: choose from {','.join(MODELS)}")
-    torch.set_grad_enabled(False)
-    {"decode": run_decode, "prompt": run_prompt, "kernel": run_kernel, "curves": run_curves}[args.what](args)
+    with torch.no_grad():
+        {"decode": run_decode, "prompt": run_prompt, "kernel": run_kernel, "curves": run_curves}[args.what](args)
 
 
 if __name__ == "__main__":

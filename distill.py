@@ -8,6 +8,7 @@ train_stage, serves every stage; what changes is the loss and which parameters t
     python distill.py --stage 3 --attn-every 2                 # a hybrid student of your choice
     python distill.py --resume                # continue an interrupted run where it stopped
     python distill.py --data llava.json --image-root images/   # your own data
+    torchrun --nproc_per_node=2 distill.py ...   # data-parallel: the same result as one process
 
 stage  trains                                         loss                            writes
 0      the whole teacher                              cross-entropy on the answers    stage0_teacher.pt

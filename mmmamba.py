@@ -325,7 +325,10 @@ class ImageEmbed(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.patch = nn.Conv2d(3, cfg.img_dim, cfg.img_patch, stride=cfg.img_patch)
-        self.pos = nn.Parameter(torch.zeros(cfg.n_img_tokens, cfg.img_dim))
+        # random, at about the scale of the patch features: each image token then carries its
+        # place in its content, which "where is the square?" needs (zeros: the teacher answered
+        # it with the first shape's place)
+        self.pos = nn.Parameter(torch.randn(cfg.n_img_tokens, cfg.img_dim) * 0.3)
         self.proj = nn.Sequential(nn.Linear(cfg.img_dim, cfg.d_model), nn.GELU(),
                                   nn.Linear(cfg.d_model, cfg.d_model))
 
