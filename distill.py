@@ -39,7 +39,7 @@ from tqdm import tqdm
 import data
 from mmmamba import (IM_END_ID, IM_START_ID, IMAGE_ID, IMG_START_ID, PAD_ID, PRESETS, ArgumentParser,
                      InputError, Model, checkpoint_of, get_device, hybrid_layout, load_checkpoint,
-                     model_from_checkpoint, run_cli, save_checkpoint)
+                     model_from_checkpoint, parse_layers, run_cli, save_checkpoint)
 from seed import INITS, seed_student
 
 # per stage: learning rate and default steps, tuned for the tiny preset on a 2-core CPU
@@ -86,15 +86,6 @@ def parse_args(argv):
     if args.attn_every is not None or args.attn_layers is not None:   # fail now, not after stage 2
         hybrid_layout(PRESETS[args.preset or "tiny"].n_layer, args.attn_every, args.attn_layers)
     return args
-
-
-def parse_layers(text):
-    if text is None:
-        return None
-    try:
-        return [int(i) for i in text.split(",") if i.strip()]
-    except ValueError:
-        raise InputError(f"--attn-layers {text!r}: give comma-separated integers, e.g. 0,2") from None
 
 
 # -----------------------------------------------------------------------------

@@ -103,6 +103,16 @@ def hybrid_layout(n_layer, attn_every=None, attn_layers=None):
     return "".join("A" if i in keep else "M" for i in range(n_layer))
 
 
+def parse_layers(text):
+    """--attn-layers "0,4" -> [0, 4] (None stays None)."""
+    if text is None:
+        return None
+    try:
+        return [int(i) for i in text.split(",") if i.strip()]
+    except ValueError:
+        raise InputError(f"--attn-layers {text!r}: give comma-separated integers, e.g. 0,2") from None
+
+
 # -----------------------------------------------------------------------------
 # special tokens: fixed ids 0..5, so the model and the tokenizer agree without a lookup
 

@@ -41,8 +41,6 @@ def main(argv=None):
     device = get_device(args.device)
 
     path = args.ckpt or os.path.join(args.out_dir, CKPTS[args.model])
-    if not os.path.isfile(path):
-        raise InputError(f"no checkpoint at {path}: train one with 'python distill.py' or pass --ckpt")
     ckpt = load_checkpoint(path)
     if "tokenizer" not in ckpt:
         raise InputError(f"{path} holds no tokenizer: use a checkpoint written by distill.py")

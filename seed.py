@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from mmmamba import (ArgumentParser, InputError, Model, checkpoint_of, hybrid_layout, load_checkpoint,
-                     model_from_checkpoint, run_cli, save_checkpoint)
+                     model_from_checkpoint, parse_layers, run_cli, save_checkpoint)
 
 COPY = {"q_proj": "c_proj", "k_proj": "b_proj", "v_proj": "x_proj", "o_proj": "o_proj"}
 NEW = ["conv1d.weight", "conv1d.bias", "dt_proj.weight", "dt_bias", "A_log", "g_proj.weight",
@@ -111,13 +111,7 @@ def main():
     torch.manual_seed(args.seed)
     ckpt = load_checkpoint(args.teacher)
     teacher = model_from_checkpoint(ckpt)
-    layers = None
-    if args.attn_layers is not None:
-        try:
-            layers = [int(i) for i in args.attn_layers.split(",") if i.strip()]
-        except ValueError:
-            raise InputError(f"--attn-layers {args.attn_layers!r}: give comma-separated integers, e.g. 0,4") from None
-    layout = hybrid_layout(teacher.cfg.n_layer, args.attn_every, layers)
+    layout = hybrid_layout(teacher.cfg.n_layer, args.attn_every, parse_layers(args.attn_layers))
     student = seed_student(teacher, layout, args.init)
     extra = {k: v for k, v in ckpt.items() if k not in ("config", "model", "optimizer", "step")}
     save_checkpoint(args.out, checkpoint_of(student, **extra, init=args.init, seeded_from=args.teacher))
