@@ -42,10 +42,15 @@ from mmmamba import (IM_END_ID, IM_START_ID, IMAGE_ID, IMG_START_ID, PAD_ID, PRE
                      model_from_checkpoint, parse_layers, run_cli, save_checkpoint)
 from seed import INITS, seed_student
 
-# per stage: learning rate and default steps, tuned for the tiny preset on a 2-core CPU
-# (the paper's are 1e-3, 5e-4, 5e-5 at batch 128/128/64 for a pretrained 2.6B model)
-STAGES = {0: dict(lr=5e-4, steps=8000), 1: dict(lr=3e-3, steps=200),
-          2: dict(lr=1e-3, steps=200), 3: dict(lr=1e-3, steps=400)}
+# per preset and stage: learning rate and default steps. tiny: tuned on a 2-core CPU; small:
+# on one H100, where a teacher at lr 5e-4 stalled at 78% QA and at 2e-4 reaches 100%
+# (docs/small_gpu/teacher_study.md). The paper's are 1e-3, 5e-4, 5e-5 at batch 128/128/64
+# for a pretrained 2.6B model.
+STAGES = {"tiny": {0: dict(lr=5e-4, steps=8000), 1: dict(lr=3e-3, steps=200),
+                   2: dict(lr=1e-3, steps=200), 3: dict(lr=1e-3, steps=400)},
+          "small": {0: dict(lr=2e-4, steps=4000), 1: dict(lr=3e-3, steps=300),
+                    2: dict(lr=1e-3, steps=300), 3: dict(lr=1e-3, steps=1000)}}
+STAGES["paper"] = STAGES["small"]
 # the Mamba-2 parameters each stage trains (PAPER.md 4); W_O (o_proj) never trains
 NEW = ("conv1d", "dt_proj", "dt_bias", "A_log", "g_proj", "norm")
 TRAINABLE = {1: NEW, 2: NEW + ("x_proj", "b_proj", "c_proj"), 3: NEW + ("x_proj", "b_proj", "c_proj")}
@@ -54,15 +59,19 @@ N_TRAIN_IMAGES = 20000          # shapes world: 7 conversations each
 
 def parse_args(argv):
     ap = ArgumentParser(description="Train a teacher and distill it into Mamba-2 (mmMamba).")
-    ap.add_argument("--stage", default="all", choices=["0", "1", "2", "3", "all"],
-                    help="stage to run (0 trains the teacher); 'all' runs 0-3, linear and hybrid")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--stage", default="all", choices=["0", "1", "2", "3", "all"],
+                       help="stage to run (0 trains the teacher); 'all' runs 0-3, linear and hybrid")
+    which.add_argument("--stages", help="ablation (paper Table 3): distill with only these stages, e.g. "
+                       "1,3, the first from the freshly seeded student; 'none' evaluates the seeded student")
     ap.add_argument("--preset", choices=list(PRESETS), help="model size of the teacher (default tiny; "
                     "stages 1-3 take it from the teacher checkpoint)")
     ap.add_argument("--out-dir", default="out", help="where checkpoints and results.json go")
     ap.add_argument("--data", help="LLaVA-style conversation JSON (default: the built-in shapes world)")
     ap.add_argument("--image-root", default=".", help="folder the 'image' paths in --data are relative to")
-    for s in STAGES:
-        ap.add_argument(f"--steps{s}", type=int, default=STAGES[s]["steps"], help=f"training steps of stage {s}")
+    for s in range(4):
+        ap.add_argument(f"--steps{s}", type=int, help=f"training steps of stage {s} (default: the preset's, "
+                        f"tiny {STAGES['tiny'][s]['steps']}, small {STAGES['small'][s]['steps']})")
     ap.add_argument("--batch-size", type=int, default=32, help="sequences per training step")
     ap.add_argument("--seed", type=int, default=0, help="random seed (model init, batches, seeding)")
     ap.add_argument("--eval-samples", type=int, default=500, help="held-out questions (and captions) per evaluation")
@@ -76,16 +85,38 @@ def parse_args(argv):
     ap.add_argument("--scan", default="auto", choices=["auto", "torch", "triton"],
                     help="SSD scan backend; 'torch' forces the PyTorch reference")
     args = ap.parse_args(argv)
-    for s in STAGES:
-        if getattr(args, f"steps{s}") < 1:
+    for s in range(4):
+        if getattr(args, f"steps{s}") is not None and getattr(args, f"steps{s}") < 1:
             raise InputError(f"--steps{s} {getattr(args, f'steps{s}')}: a stage needs at least 1 step")
     for flag in ("batch_size", "eval_samples", "save_every"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a positive number")
     args.attn_layers = parse_layers(args.attn_layers)
-    if args.attn_every is not None or args.attn_layers is not None:   # fail now, not after stage 2
-        hybrid_layout(PRESETS[args.preset or "tiny"].n_layer, args.attn_every, args.attn_layers)
-    return args
+    if args.stages is not None:
+        args.stages = parse_stages(args.stages)
+    if (args.attn_every is not None or args.attn_layers is not None) and (args.preset or (args.stage in ("0", "all") and args.stages is None)):
+        hybrid_layout(PRESETS[args.preset or "tiny"].n_layer, args.attn_every, args.attn_layers)  # fail now,
+    return args                                                         # not after stage 2
+
+
+def parse_stages(text):
+    """'1,3' -> [1, 3]; 'none' -> []."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        stages = [int(s) for s in text.split(",")]
+    except ValueError:
+        stages = None
+    if not stages or stages != sorted(set(stages)) or not set(stages) <= {1, 2, 3}:
+        raise InputError(f"--stages {text!r}: give distillation stages in order, e.g. 1,3 or 2,3 or 3, or 'none'")
+    return stages
+
+
+def stage_settings(args, stage):
+    """Learning rate and steps of a stage: the preset's defaults, steps overridden by --steps{stage}."""
+    settings = STAGES.get(args.preset, STAGES["tiny"])[stage]
+    lr, steps = settings["lr"], settings["steps"]
+    return lr, getattr(args, f"steps{stage}") or steps
 
 
 # -----------------------------------------------------------------------------
@@ -146,7 +177,7 @@ def train_stage(name, model, loss_fn, train, tok, args, env, stage, path, extra)
     share; gradients are summed across processes, so N processes train as one would."""
     rank, world = env["rank"], env["world"]
     params = [p for p in model.parameters() if p.requires_grad]
-    lr, steps = STAGES[stage]["lr"], getattr(args, f"steps{stage}")
+    lr, steps = stage_settings(args, stage)
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.05},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.999))                          # no decay on biases, 1-D
@@ -301,6 +332,7 @@ def report(stage, kind, model, train_s, evalset, tok, env, args, extra_rows=()):
         return None
     qa, captions, blind = evalset
     rec = {"stage": stage, "model": kind, "layout": model.cfg.kinds, "preset": args.preset,
+           "stages": stages_label(stage, args) if kind != "teacher" else None, "init": args.init,
            **evaluate(model, qa, captions, tok, env), "train_s": None if train_s is None else round(train_s, 1),
            "blind_qa_accuracy": blind, "eval_samples": len(qa), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     path = os.path.join(args.out_dir, "results.json")
@@ -311,7 +343,7 @@ def report(stage, kind, model, train_s, evalset, tok, env, args, extra_rows=()):
     os.replace(path + ".tmp", path)
     print(f"\n{'stage':>5} {'model':<8} {'layout':<8} {'QA acc':>7} {'caption loss':>13} {'train s':>8}")
     for r in [*extra_rows, rec]:
-        print(f"{r['stage']:>5} {r['model']:<8} {r['layout']:<8} {r['qa_accuracy']:>7.3f} "
+        print(f"{r['stage'] if r['stage'] is not None else '-':>5} {r['model']:<8} {r['layout']:<8} {r['qa_accuracy']:>7.3f} "
               f"{r['caption_loss']:>13.3f} {r['train_s'] or 0:>8.0f}")
     print(f"{'':>5} {'blind':<8} {'(text)':<8} {blind:>7.3f}")
     print(f"{kind} QA accuracy by question: "
@@ -321,6 +353,22 @@ def report(stage, kind, model, train_s, evalset, tok, env, args, extra_rows=()):
 
 # -----------------------------------------------------------------------------
 # the stages
+
+
+def previous_stage(stage, args):
+    """The distillation stage whose student `stage` starts from; None: the freshly seeded one."""
+    if args.stages is not None:                                 # an ablation: only the stages listed
+        earlier = [s for s in args.stages if s < stage]
+        return earlier[-1] if earlier else None
+    return stage - 1 if stage > 1 else None
+
+
+def stages_label(stage, args):
+    """Which stages made a student: '1+2+3' after a full run, '1+3' or 'none' in an ablation."""
+    if stage is None:
+        return "none"
+    prev = previous_stage(stage, args)
+    return f"{stages_label(prev, args)}+{stage}" if prev is not None else str(stage)
 
 
 def load_finished(path, stage, args, kind):
@@ -338,6 +386,18 @@ def load_finished(path, stage, args, kind):
         raise InputError(f"{path} is an unfinished stage {stage} (step {ckpt.get('step')}): run "
                          f"'python distill.py --stage {stage} --resume --out-dir {args.out_dir}'")
     return ckpt
+
+
+def start_student(stage, teacher, args, env, path):
+    """The linear student a stage starts from: the previous stage's checkpoint, or the student
+    seeded from the teacher (seed.py: its q/k/v/o -> C/B/x/W_O, --init for the new params)."""
+    prev = previous_stage(stage, args) if stage is not None else None
+    if prev is None:
+        torch.manual_seed(args.seed)
+        student = seed_student(teacher, "M" * teacher.cfg.n_layer, args.init)
+    else:
+        student = model_from_checkpoint(load_finished(path(f"stage{prev}_linear.pt"), prev, args, "linear"))
+    return to_env(student, args, env)
 
 
 def to_env(model, args, env):
@@ -412,7 +472,10 @@ def run(args, env, device, t_start):
     print0(env, f"data: {len(train)} training conversations, {len(qa)} held-out questions, "
           f"{len(captions)} captions; blind (text-only) baseline QA accuracy {blind:.3f}")
 
-    stages = [0, 1, 2, 3] if args.stage == "all" else [int(args.stage)]
+    if args.stages is not None:
+        stages = args.stages or [None]          # None: no distillation stage, evaluate the seeded student
+    else:
+        stages = [0, 1, 2, 3] if args.stage == "all" else [int(args.stage)]
     hybrid_asked = args.attn_every is not None or args.attn_layers is not None
     teacher_row = None
     for stage in stages:
@@ -432,16 +495,17 @@ def run(args, env, device, t_start):
         tok = Tokenizer.from_str(t_ckpt["tokenizer"])
         args.preset = args.preset or t_ckpt.get("preset")
         teacher = to_env(model_from_checkpoint(t_ckpt), args, env).eval().requires_grad_(False)
+        if hybrid_asked:                                        # a wrong layer index fails before training
+            hybrid_layout(teacher.cfg.n_layer, args.attn_every, args.attn_layers)
         if teacher_row is None:
             teacher_row = report(0, "teacher", teacher, None, evalset, tok, env, args)
         extra = dict(preset=t_ckpt.get("preset"), init=args.init)
+        source = start_student(stage, teacher, args, env, path)
+        if stage is None:                                       # --stages none: the seeded student as is
+            report(None, "linear", source, 0, evalset, tok, env, args, [teacher_row])
+            continue
         if stage in (1, 2):
-            if stage == 1:                  # seeding: carve the student out of the teacher (seed.py)
-                torch.manual_seed(args.seed)
-                student = seed_student(teacher, "M" * teacher.cfg.n_layer, args.init)
-            else:
-                student = model_from_checkpoint(load_finished(path("stage1_linear.pt"), 1, args, "linear"))
-            student = to_env(student, args, env)
+            student = source
             freeze_except(student, stage)
             loss = lambda tokens, targets, images: layerwise_mse(teacher, student, tokens, images)
             student, secs = train_stage(f"stage {stage} linear", student, loss, train, tok, args, env,
@@ -449,15 +513,14 @@ def run(args, env, device, t_start):
             report(stage, "linear", student, secs, evalset, tok, env, args, [teacher_row])
             continue
         # stage 3: the linear student, and/or the hybrid built from the same stage-2 student
-        s2 = load_finished(path("stage2_linear.pt"), 2, args, "linear")
         n = teacher.cfg.n_layer
         layers = args.attn_layers
-        kinds = [("linear", "M" * n)] if not (hybrid_asked and args.stage == "3") else []
-        if hybrid_asked or args.stage == "all":
+        kinds = [("linear", "M" * n)] if not (hybrid_asked and args.stage == "3" and args.stages is None) else []
+        if hybrid_asked or (args.stage == "all" and args.stages is None):
             kinds.append(("hybrid", hybrid_layout(n, args.attn_every or (None if layers else 4), layers)))
         for kind, layout in kinds:
             student = Model(replace(teacher.cfg, layout=layout))
-            sd = {k: v for k, v in s2["model"].items()}
+            sd = source.state_dict()
             for i in (i for i, c in enumerate(layout) if c == "A"):       # kept: the teacher's attention
                 prefix = f"layers.{i}.mixer."
                 sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}

@@ -145,6 +145,82 @@ def test_missing_input_checkpoint_names_the_command(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# ablations: --stages (Table 3) and ablate.py
+
+
+def with_teacher(run_all, path):
+    path.mkdir(exist_ok=True)
+    (path / "stage0_teacher.pt").symlink_to(run_all / "stage0_teacher.pt")
+    return path
+
+
+def test_stages_skip_and_start_from_the_seeded_student(run_all, tmp_path, monkeypatch):
+    out = with_teacher(run_all, tmp_path / "s13")
+    distill_main(monkeypatch, ["--out-dir", str(out), "--stages", "1,3"])
+    assert not (out / "stage2_linear.pt").exists()
+    # same seed, same teacher: this run's stage 1 is the full run's, bit for bit (reproducible)
+    a, b = state(run_all / "stage1_linear.pt"), state(out / "stage1_linear.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = json.loads((out / "results.json").read_text())
+    assert [(r["stage"], r["stages"]) for r in records if r["model"] != "teacher"] == [(1, "1"), (3, "1+3")]
+    # stage 3 started from this run's stage 1: its frozen-in-stage-3 weights (W_O) are stage 1's
+    s1, s3 = state(out / "stage1_linear.pt"), state(out / "stage3_linear.pt")
+    o = [k for k in s3 if "o_proj" in k]
+    assert o and all(torch.equal(s1[k], s3[k]) for k in o)
+    out3 = with_teacher(run_all, tmp_path / "s3")
+    distill_main(monkeypatch, ["--out-dir", str(out3), "--stages", "3"])
+    assert [r["stages"] for r in json.loads((out3 / "results.json").read_text())] == [None, "3"]
+
+
+def test_stages_none_evaluates_the_seeded_student(run_all, tmp_path, monkeypatch):
+    out = with_teacher(run_all, tmp_path / "none")
+    distill_main(monkeypatch, ["--out-dir", str(out), "--stages", "none"])
+    rec = json.loads((out / "results.json").read_text())[-1]
+    assert (rec["stage"], rec["stages"], rec["train_s"]) == (None, "none", 0) and 0 <= rec["qa_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("bad", ["2,1", "4", "1,1", "x", ""])
+def test_stages_bad_lists_fail_in_one_line(bad):
+    with pytest.raises(InputError, match="--stages"):
+        distill.parse_args(["--stages", bad])
+
+
+def test_ablation_plans_match_the_paper_tables():
+    import ablate
+    runs, rows = ablate.plan(3, 8)
+    assert [r for r, _, _ in rows] == ["none", "1", "2", "3", "1+2", "1+3", "2+3", "1+2+3"]
+    assert sorted(f[1] for _, f, _ in runs) == sorted(["1,2,3", "1,3", "2,3", "3", "none"])
+    runs, rows = ablate.plan(5, 8)
+    assert [label.split(":")[1].strip() for label, _, _ in rows[:-1]] == ["MMMMMMMM", "AMMMMMMM", "AMMMAMMM", "AMAMAMAM"]
+    assert [key for _, key, _ in rows] == [0, 4, 8, 16, "teacher"]          # the paper's rows by share
+    runs, rows = ablate.plan(6, 8)
+    assert {label.split(":")[0]: label.split(": ")[1] for label, _, _ in rows} == {
+        "head-stacked": "AAMMMMMM", "tail-stacked": "MMMMMMAA",
+        "head-interleaved": "AMMMAMMM", "tail-interleaved": "MMMAMMMA"}
+    assert all(shared for _, _, shared in runs)
+
+
+def test_ablate_runs_a_table_from_one_teacher(run_all, tmp_path):
+    import ablate
+    run_dir = with_teacher(run_all, tmp_path / "run")
+    flags = ["--batch-size", "4", "--eval-samples", "12", "--scan", "torch", "--device", "cpu",
+             "--steps1", "2", "--steps2", "2", "--steps3", "2"]
+    ablate.main(["--table", "6", "--run-dir", str(run_dir), "--jobs", "2", *flags])   # 4 layers: 1 kept
+    rows = json.loads((run_dir / "ablate" / "table6.json").read_text())
+    assert [r["layout"] for r in rows] == ["AMMM", "MMMA", "AMMM", "MMMA"]
+    assert all(r["stage"] == 3 and 0 <= r["qa_accuracy"] <= 1 for r in rows)
+    assert (run_dir / "ablate" / "shared" / "stage2_linear.pt").exists()      # stages 1-2 ran once
+    assert "| head-stacked: AMMM |" in (run_dir / "ablate" / "table6.md").read_text()
+
+
+def test_ablate_without_a_teacher_fails_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "ablate.py", "--run-dir", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "python distill.py --stage 0" in r.stderr
+
+
+# -----------------------------------------------------------------------------
 # sample.py
 
 
