@@ -7,6 +7,7 @@ train_stage, serves every stage; what changes is the loss and which parameters t
     python distill.py --stage 2               # one stage, from the previous stage's checkpoint
     python distill.py --stage 3 --attn-every 2                 # a hybrid student of your choice
     python distill.py --resume                # continue an interrupted run where it stopped
+    python distill.py --stages 1,3 --out-dir X  # ablation: only these stages (ablate.py runs the tables)
     python distill.py --data llava.json --image-root images/   # your own data
     torchrun --nproc_per_node=2 distill.py ...   # data-parallel: the same result as one process
 
