@@ -155,7 +155,9 @@ def ssd_chunked(x, dt, A, B, C, dt_bias=None, initial_state=None, chunk_size=128
 #
 # The forward splits the sequence into segments of G chunks (G * Q tokens):
 #   _state_kernel  one program per (segment, batch*head, p-tile): the state the segment alone
-#                  leaves at its end, built chunk by chunk (PAPER.md section 2, step 2).
+#                  leaves at its end, built chunk by chunk (PAPER.md section 2, step 2). Run for
+#                  every segment but the last: nothing reads what the last one leaves (the scan
+#                  kernel writes the final state itself).
 #   _pass_kernel   one program per (batch*head, block of P*N state entries): walks the segments
 #                  in order and turns "what each segment adds" into "the state entering each
 #                  segment" (step 3). Elementwise, sequential over segments only.
@@ -167,6 +169,12 @@ def ssd_chunked(x, dt, A, B, C, dt_bias=None, initial_state=None, chunk_size=128
 # Q = P = N = 128, twice the bytes of x. One state per segment of G chunks makes that traffic
 # G times smaller; G = all chunks needs no state kernels at all but leaves only b*h*P/BP
 # programs to fill the GPU. _pick_segment chooses G to keep enough programs in flight.
+# The forward runs chunks of 64 whatever chunk_size says (a schedule, not part of the function)
+# and p-tiles of 64 (docs/kernel_log.md, v4): the scan is bound by the latency of one long chain
+# per program (loads, four small products, exps, state update), not by bytes or tensor-core
+# rate, and with (64, 64) tiles one warpgroup fits in 255 registers: two programs share an SM
+# and hide each other's waits. Tiles move through TMA tensor descriptors over (b, l, h*P) views
+# (one bulk copy per tile; rows past the end read as zeros, are not written back): ~10% faster.
 #
 # The backward (chunk-parallel, one program per (chunk, batch*head)) needs the state entering
 # every chunk and the gradient of the state leaving it: _state_kernel + _pass_kernel with G = 1
@@ -214,13 +222,14 @@ def _last(v, Q: tl.constexpr):
 def _state_kernel(u_ptr, v_ptr, dt_ptr, dt_bias_ptr, A_ptr, s_ptr, seg_ptr,
                   L, H, P, N, nseg, G,
                   Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                  REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr):
+                  REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr):
     """What one segment of G chunks contributes to the state, for a (BP, N) tile of it.
     Forward (u = x, v = B):  S = sum_t exp(cs_end - cs_t) dt_t x_t B_t^T, chunks in order.
     Reverse (u = dy, v = C): dS = sum_t exp(cs_t) dy_t C_t^T, chunks from the last: the
     gradient, w.r.t. the state entering the segment, of the outputs inside it.
     Both are one (BP, Q) @ (Q, N) tensor-core product per chunk. Also writes the segment's
-    total log-decay (sum of dt*A) for _pass_kernel."""
+    total log-decay (sum of dt*A) for _pass_kernel. TMA: u_ptr, v_ptr are tensor descriptors
+    over (b, l, h*P) and (b, l, h*N) (see _tma_views), else plain pointers."""
     g, bh, pt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bi, hi = bh // H, bh % H
     q = tl.arange(0, Q)
@@ -234,13 +243,17 @@ def _state_kernel(u_ptr, v_ptr, dt_ptr, dt_bias_ptr, A_ptr, s_ptr, seg_ptr,
         else:
             k = g * G + i
         t = k * Q + q
-        rows = (bi * L + t).to(tl.int64) * H + hi                       # (Q,) token-head rows
         _, dt, cs = _chunk_decay(dt_ptr, dt_bias_ptr, A_ptr, bi * L, hi, t, L, H, HAS_BIAS)
         total = _last(cs, Q)
-        u = tl.load(u_ptr + rows[:, None] * P + p[None, :],
-                    mask=(t < L)[:, None] & (p < P)[None, :], other=0.0)   # (Q, BP)
-        v = tl.load(v_ptr + rows[:, None] * N + n[None, :],
-                    mask=(t < L)[:, None] & (n < N)[None, :], other=0.0)   # (Q, BN)
+        if TMA:
+            u = u_ptr.load([bi, k * Q, hi * P + pt * BP]).reshape(Q, BP)
+            v = v_ptr.load([bi, k * Q, hi * N]).reshape(Q, BN)
+        else:
+            rows = (bi * L + t).to(tl.int64) * H + hi                   # (Q,) token-head rows
+            u = tl.load(u_ptr + rows[:, None] * P + p[None, :],
+                        mask=(t < L)[:, None] & (p < P)[None, :], other=0.0)   # (Q, BP)
+            v = tl.load(v_ptr + rows[:, None] * N + n[None, :],
+                        mask=(t < L)[:, None] & (n < N)[None, :], other=0.0)   # (Q, BN)
         if REVERSE:
             w = tl.exp(tl.minimum(cs, 0.0))                             # decay start -> t
         else:
@@ -256,13 +269,15 @@ def _state_kernel(u_ptr, v_ptr, dt_ptr, dt_bias_ptr, A_ptr, s_ptr, seg_ptr,
 
 
 @triton.jit
-def _pass_kernel(s_ptr, seg_ptr, init_ptr, final_ptr, H, PN, nseg,
+def _pass_kernel(s_ptr, seg_ptr, init_ptr, final_ptr, H, PN, nseg, nsteps,
                  BLOCK: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr,
                  STORE_FINAL: tl.constexpr):
     """State passing over segments, in place: s_ptr holds (b, nseg, h, P*N) per-segment
     contributions on entry and the state entering each segment on exit (for REVERSE: the state
     gradient at each segment's end). Sequential over segments, elementwise, so a program owns a
-    flat BLOCK of the P*N entries: many programs, each a short chain of load-fma-store."""
+    flat BLOCK of the P*N entries: many programs, each a short chain of load-fma-store.
+    The first nsteps segments have a contribution: all nseg in the backward (STORE_FINAL), all
+    but the last in the forward (the scan kernel writes the final state itself)."""
     bh, blk = tl.program_id(0), tl.program_id(1)
     bi, hi = bh // H, bh % H
     e = blk * BLOCK + tl.arange(0, BLOCK)
@@ -275,10 +290,10 @@ def _pass_kernel(s_ptr, seg_ptr, init_ptr, final_ptr, H, PN, nseg,
     g = nseg - 1 if REVERSE else 0
     base = (bi * nseg * H + hi).to(tl.int64) * PN + e                  # segment 0 of this (b, h)
     contrib = tl.load(s_ptr + base + g * H * PN, mask=ok, other=0.0)
-    for i in range(nseg):
+    for i in range(nsteps):
         # load the next segment's contribution before this one's store: one load in flight
         # while the chain load -> fma -> store runs (the chain itself cannot be parallel)
-        nxt = tl.load(s_ptr + base + (g + step) * H * PN, mask=ok & (e * 0 + i + 1 < nseg), other=0.0)
+        nxt = tl.load(s_ptr + base + (g + step) * H * PN, mask=ok & (e * 0 + i + 1 < nsteps), other=0.0)
         decay = tl.exp(tl.load(seg_ptr + bh * nseg + g))
         tl.store(s_ptr + base + g * H * PN, s, mask=ok)
         s = decay * s + contrib
@@ -286,22 +301,26 @@ def _pass_kernel(s_ptr, seg_ptr, init_ptr, final_ptr, H, PN, nseg,
         g += step
     if STORE_FINAL:
         tl.store(final_ptr + bh.to(tl.int64) * PN + e, s, mask=ok)
+    else:                                                               # entering the last segment
+        tl.store(s_ptr + base + g * H * PN, s, mask=ok)
 
 
 @triton.jit
 def _scan_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, y_ptr, s_ptr, final_ptr,
                  L, H, P, N, nseg, G,
                  Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, TMA: tl.constexpr):
     """The forward outputs of one segment for a (Q, BP) slice of y per chunk, starting from the
     state entering the segment (s_ptr, (b, nseg, h, P, N)) and carrying the (BP, N) state in
     registers through G chunks. Per chunk, four tensor-core products:
         C B^T (Q, Q) -> masked with the decay -> @ x (Q, BP)       intra-chunk (step 1)
-        C @ S^T (Q, BP), scaled by the decay from the chunk start  state -> output (step 4)
+        C @ S^T (Q, BP), rows scaled by the decay from the start    state -> output (step 4)
         B^T @ (x dt decay-to-end) (N, BP)                          chunk state (step 2)
-    BP = P (one p-tile) measured fastest on the H100: smaller p-tiles repeat C B^T per tile and
-    were slower (docs/kernel_log.md), even though at BP = 128 the fp32 state, the (Q, Q) scores
-    and y exceed the 255 registers a thread may hold and spill a little."""
+    Tiles (FWD_CONFIG, measured on the H100 in docs/kernel_log.md): Q = BP = 64 and 4 warps, so
+    one warpgroup holds the (N, BP) fp32 state (64 registers a thread), y and the (Q, Q) scores
+    (32 each) and two programs fit an SM. C B^T is recomputed for each of the P / BP p-tiles:
+    (Q, Q, N) is the smallest of the four products, cheaper than a second pass over C and B.
+    TMA: x_ptr, B_ptr, C_ptr, y_ptr are tensor descriptors (see _tma_views)."""
     g, bh, pt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bi, hi = bh // H, bh % H
     q = tl.arange(0, Q)
@@ -316,22 +335,32 @@ def _scan_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, y_ptr, s_ptr, 
         ST = tl.zeros((BN, BP), dtype=tl.float32)
     causal = q[:, None] >= q[None, :]
     for i in range(G):
-        t = (g * G + i) * Q + q
+        t0 = (g * G + i) * Q
+        t = t0 + q
         tm = t < L
-        rows = (bi * L + t).to(tl.int64) * H + hi
         _, dt, cs = _chunk_decay(dt_ptr, dt_bias_ptr, A_ptr, bi * L, hi, t, L, H, HAS_BIAS)
         total = _last(cs, Q)
-        x = tl.load(x_ptr + rows[:, None] * P + p[None, :], mask=tm[:, None] & (p < P)[None, :], other=0.0)
-        Bm = tl.load(B_ptr + rows[:, None] * N + n[None, :], mask=tm[:, None] & (n < N)[None, :], other=0.0)
-        Cm = tl.load(C_ptr + rows[:, None] * N + n[None, :], mask=tm[:, None] & (n < N)[None, :], other=0.0)
+        if TMA:                                                         # rows past L read as 0
+            x = x_ptr.load([bi, t0, hi * P + pt * BP]).reshape(Q, BP)
+            Bm = B_ptr.load([bi, t0, hi * N]).reshape(Q, BN)
+            Cm = C_ptr.load([bi, t0, hi * N]).reshape(Q, BN)
+        else:
+            rows = (bi * L + t).to(tl.int64) * H + hi
+            x = tl.load(x_ptr + rows[:, None] * P + p[None, :], mask=tm[:, None] & (p < P)[None, :], other=0.0)
+            Bm = tl.load(B_ptr + rows[:, None] * N + n[None, :], mask=tm[:, None] & (n < N)[None, :], other=0.0)
+            Cm = tl.load(C_ptr + rows[:, None] * N + n[None, :], mask=tm[:, None] & (n < N)[None, :], other=0.0)
         cb = tl.dot(Cm, tl.trans(Bm))                                   # (Q, Q): C_t . B_s
         decay = tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0))     # exp(cs_t - cs_s) <= 1
         scores = tl.where(causal, cb * decay * dt[None, :], 0.0)
-        Cdec = (Cm.to(tl.float32) * tl.exp(tl.minimum(cs, 0.0))[:, None]).to(Cm.dtype)
-        y = tl.dot(Cdec, ST.to(Cm.dtype))                               # (Q, BP) state -> output
+        # state -> output: scale the (Q, BP) product's rows by the decay from the chunk start
+        # rather than C's (Q, N) rows: fewer multiplies, and C goes to the tensor cores as loaded
+        y = tl.dot(Cm, ST.to(Cm.dtype)) * tl.exp(tl.minimum(cs, 0.0))[:, None]
         y = tl.dot(scores.to(x.dtype), x, y)                            # + intra-chunk
-        tl.store(y_ptr + rows[:, None] * P + p[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=tm[:, None] & (p < P)[None, :])
+        if TMA:                                                         # rows past L dropped
+            y_ptr.store([bi, t0, hi * P + pt * BP], y.to(y_ptr.dtype).reshape(1, Q, BP))
+        else:
+            tl.store(y_ptr + rows[:, None] * P + p[None, :], y.to(y_ptr.dtype.element_ty),
+                     mask=tm[:, None] & (p < P)[None, :])
         xw = (x.to(tl.float32) * (dt * tl.exp(tl.minimum(total - cs, 0.0)))[:, None]).to(Bm.dtype)
         ST = ST * tl.exp(total) + tl.dot(tl.trans(Bm), xw)              # (BN, BP) state at chunk end
     if g == nseg - 1:
@@ -437,7 +466,9 @@ def _step_kernel(s_ptr, out_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr
 
 # Launch settings, fixed from the sweeps in docs/kernel_log.md instead of an autotuner. BP is
 # capped at next_pow2(P), so the CPU interpreter tests (P = 16) run 16-wide tiles.
-FWD_CONFIG = dict(BP=128, num_warps=8, num_stages=2)      # _scan_kernel and _state_kernel
+# Forward: chunks of 64 tokens (or chunk_size if smaller), p-tiles of 64, two programs per SM.
+FWD_CONFIG = dict(Q=64, BP=64, num_warps=4, num_stages=2, programs_per_sm=2)
+STATES_CONFIG = dict(BP=128, num_warps=8, num_stages=2)   # _chunk_states (backward, G = 1)
 BWD_CONFIG = dict(num_warps=8, num_stages=1)             # _scan_bwd_kernel (whole P, N)
 PASS_BLOCK = 512                                          # state entries per _pass_kernel program
 SEGMENT_CHUNKS = None                                     # G; None: _pick_segment decides
@@ -445,13 +476,14 @@ SEGMENT_CHUNKS = None                                     # G; None: _pick_segme
 
 def _pick_segment(b, h, nchunks, p_tiles, device):
     """G, the chunks per forward segment: as long as possible (fewer states through memory)
-    while the scan still has about one program per streaming multiprocessor (a scan program
-    fills one: 8 warps, ~255 registers each). Measured on the H100 (docs/kernel_log.md):
-    G = 16, 32, 64 at 8x2048, 4x8192, 1x65536, i.e. nseg = round(SMs / (b*h*p_tiles))."""
+    while the scan still has about FWD_CONFIG["programs_per_sm"] programs per streaming
+    multiprocessor (two fit: 4 warps, 255 registers each). Measured on the H100
+    (docs/kernel_log.md): nseg = round(2 SMs / (b*h*p_tiles)), G = 32, 64, 128 chunks of 64
+    at 8x2048, 4x8192, 1x65536."""
     if SEGMENT_CHUNKS is not None:
         return min(SEGMENT_CHUNKS, nchunks)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    nseg = max(1, round(sms / (b * h * p_tiles)))
+    nseg = max(1, round(FWD_CONFIG["programs_per_sm"] * sms / (b * h * p_tiles)))
     return triton.cdiv(nchunks, nseg)
 
 
@@ -459,14 +491,36 @@ def _pow2(v):
     return max(16, triton.next_power_of_2(v))
 
 
-def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, Q):
+def _tma_views(tensors, blocks):
+    """TMA tensor descriptors for (b, l, h, d) tensors viewed as (b, l, h*d), with (1, Q, block)
+    tiles; None where TMA does not apply: a block that would straddle two heads (d not a
+    multiple of it), strides or a base off 16 bytes, or no TensorDescriptor in this triton."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    views = []
+    for t, (Q, blk) in zip(tensors, blocks):
+        b, l, h, d = t.shape
+        if d % blk or (h * d * t.element_size()) % 16 or t.data_ptr() % 16:
+            return None
+        views.append(TensorDescriptor(t, [b, l, h * d], [l * h * d, h * d, 1], [1, Q, blk]))
+    return views
+
+
+def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, chunk_size):
     b, l, h, p = x.shape
     n = B.shape[-1]
+    Q = min(chunk_size, FWD_CONFIG["Q"])                                # the forward's own chunk
     BP, BN = min(FWD_CONFIG["BP"], _pow2(p)), _pow2(n)
     warps, stages = FWD_CONFIG["num_warps"], FWD_CONFIG["num_stages"]
     nchunks, p_tiles = triton.cdiv(l, Q), triton.cdiv(p, BP)
     G = _pick_segment(b, h, nchunks, p_tiles, x.device)
     nseg = triton.cdiv(nchunks, G)
+    # the state kernel takes two chunks per step where a segment has an even number of them
+    # (half the serial steps, (N, 2Q) @ (2Q, BP) products); fp32 tiles of 128 tokens would not
+    # fit its shared memory
+    QS = 2 * Q if G % 2 == 0 and x.element_size() <= 2 else Q
     y = torch.empty_like(x)
     final = torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
     bias = dt_bias if dt_bias is not None else A                        # any pointer; unused
@@ -475,16 +529,21 @@ def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, Q):
     if nseg > 1:                                                        # steps 2 and 3 per segment
         states = torch.empty(b, nseg, h, p, n, device=x.device, dtype=torch.float32)
         segdecay = torch.empty(b, h, nseg, device=x.device, dtype=torch.float32)
-        _state_kernel[(nseg, b * h, p_tiles)](
-            x, B, dt, bias, A, states, segdecay, l, h, p, n, nseg, G, Q=Q, BP=BP, BN=BN,
-            REVERSE=False, HAS_BIAS=dt_bias is not None, num_warps=warps, num_stages=stages)
+        views = _tma_views((x, B), ((QS, BP), (QS, BN)))
+        _state_kernel[(nseg - 1, b * h, p_tiles)](                      # not the last segment
+            *(views or (x, B)), dt, bias, A, states, segdecay, l, h, p, n, nseg, G * Q // QS,
+            Q=QS, BP=BP, BN=BN, REVERSE=False, HAS_BIAS=dt_bias is not None, TMA=views is not None,
+            num_warps=warps, num_stages=stages)
         _pass_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
             states, segdecay, initial_state if initial_state is not None else final, final,
-            h, p * n, nseg, BLOCK=PASS_BLOCK, REVERSE=False,
+            h, p * n, nseg, nseg - 1, BLOCK=PASS_BLOCK, REVERSE=False,
             HAS_INIT=initial_state is not None, STORE_FINAL=False)
+    views = _tma_views((x, B, C, y), ((Q, BP), (Q, BN), (Q, BN), (Q, BP)))
+    xv, Bv, Cv, yv = views or (x, B, C, y)
     _scan_kernel[(nseg, b * h, p_tiles)](
-        x, dt, bias, A, B, C, y, states, final, l, h, p, n, nseg, G, Q=Q, BP=BP, BN=BN,
-        HAS_BIAS=dt_bias is not None, HAS_STATE=has_state, num_warps=warps, num_stages=stages)
+        xv, dt, bias, A, Bv, Cv, yv, states, final, l, h, p, n, nseg, G, Q=Q, BP=BP, BN=BN,
+        HAS_BIAS=dt_bias is not None, HAS_STATE=has_state, TMA=views is not None,
+        num_warps=warps, num_stages=stages)
     return y, final
 
 
@@ -494,7 +553,7 @@ def _chunk_states(u, v, dt, A, dt_bias, init, Q, reverse):
     what the pass leaves at its far end: the final state, or the initial state's gradient."""
     b, l, h, p = u.shape
     n = v.shape[-1]
-    BP, BN = min(FWD_CONFIG["BP"], _pow2(p)), _pow2(n)
+    BP, BN = min(STATES_CONFIG["BP"], _pow2(p)), _pow2(n)
     c = triton.cdiv(l, Q)
     states = torch.empty(b, c, h, p, n, device=u.device, dtype=torch.float32)
     segdecay = torch.empty(b, h, c, device=u.device, dtype=torch.float32)
@@ -502,10 +561,10 @@ def _chunk_states(u, v, dt, A, dt_bias, init, Q, reverse):
     bias = dt_bias if dt_bias is not None else A
     _state_kernel[(c, b * h, triton.cdiv(p, BP))](
         u, v, dt, bias, A, states, segdecay, l, h, p, n, c, 1, Q=Q, BP=BP, BN=BN,
-        REVERSE=reverse, HAS_BIAS=dt_bias is not None,
-        num_warps=FWD_CONFIG["num_warps"], num_stages=FWD_CONFIG["num_stages"])
+        REVERSE=reverse, HAS_BIAS=dt_bias is not None, TMA=False,
+        num_warps=STATES_CONFIG["num_warps"], num_stages=STATES_CONFIG["num_stages"])
     _pass_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
-        states, segdecay, init if init is not None else end, end, h, p * n, c,
+        states, segdecay, init if init is not None else end, end, h, p * n, c, c,
         BLOCK=PASS_BLOCK, REVERSE=reverse, HAS_INIT=init is not None, STORE_FINAL=True)
     return states, end
 

@@ -91,6 +91,26 @@ def test_triton_matches_float64(l, init, monkeypatch):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("case", ["forced", "head-dim-24"])
+def test_triton_pointer_path_matches_float64(case, monkeypatch):
+    # tiles go through TMA descriptors where they can; plain pointers where a tile would straddle
+    # two heads (head dim 24 with 32-wide tiles) or the memory is misaligned: test both ways
+    monkeypatch.setattr(sk, "SEGMENT_CHUNKS", 2)
+    real, used = sk._tma_views, []
+
+    def spy(*a):
+        used.append(None if case == "forced" else real(*a))
+        return used[-1]
+
+    monkeypatch.setattr(sk, "_tma_views", spy)
+    p = 24 if case == "head-dim-24" else 16
+    err = fwd_bwd(sk, draw(2, 53, 2, p, 16, init=True), sk.ssd_quadratic, chunk=16)
+    assert used and all(v is None for v in used), "the pointer path was not taken"
+    bad = {k: v for k, v in err.items() if not v < 1e-5}
+    assert not bad, f"Triton scan (pointer path, {case}) off the float64 reference: {bad}"
+
+
+@needs_interpreter
 @pytest.mark.parametrize("segment", [None, 3])
 def test_triton_strong_decay(segment, monkeypatch):
     monkeypatch.setattr(sk, "SEGMENT_CHUNKS", segment)
