@@ -98,7 +98,13 @@ def link(src, dst):
 
 def distill(out_dir, flags, extra, log):
     """One distill.py process; its output goes to out_dir/log.txt. Returns its error, or None."""
-    if os.path.exists(os.path.join(out_dir, "finished")):
+    marker, asked = os.path.join(out_dir, "finished"), " ".join([*flags, *extra])
+    if os.path.exists(marker):                  # done before: fine if with the same flags
+        with open(marker) as f:
+            before = f.read()
+        if before != asked:
+            return (f"{out_dir} was run with '{before}', not '{asked}': pick another --name "
+                    "for these runs, or delete that folder")
         return None
     cmd = [sys.executable, os.path.join(HERE, "distill.py"), "--out-dir", out_dir, "--resume", *flags, *extra]
     with open(log, "w") as f:
@@ -107,7 +113,8 @@ def distill(out_dir, flags, extra, log):
         with open(log) as f:
             last = [line for line in f.read().splitlines() if line.strip()][-1:] or ["?"]
         return f"{' '.join(cmd[1:])} failed: {last[0]} (all of it in {log})"
-    open(os.path.join(out_dir, "finished"), "w").close()
+    with open(marker, "w") as f:
+        f.write(asked)
     return None
 
 

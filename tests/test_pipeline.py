@@ -211,6 +211,10 @@ def test_ablate_runs_a_table_from_one_teacher(run_all, tmp_path):
     assert all(r["stage"] == 3 and 0 <= r["qa_accuracy"] <= 1 for r in rows)
     assert (run_dir / "ablate" / "shared" / "stage2_linear.pt").exists()      # stages 1-2 ran once
     assert "| head-stacked: AMMM |" in (run_dir / "ablate" / "table6.md").read_text()
+    # finished runs are reused with the same flags, and refused with others (no silent mix-ups)
+    ablate.main(["--table", "6", "--run-dir", str(run_dir), *flags])
+    with pytest.raises(InputError, match="another --name"):
+        ablate.main(["--table", "6", "--run-dir", str(run_dir), *flags, "--steps3", "3"])
 
 
 def test_ablate_without_a_teacher_fails_in_one_line(tmp_path):
