@@ -171,9 +171,11 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
         self.w3 = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
         self.w2 = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
+        self.register_buffer("packed", None, persistent=False)        # see pack_for_decoding
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = project(x, (self.w1, self.w3), self.packed)
+        return self.w2(F.silu(gate) * up)
 
 
 def project(u, linears, packed=None):
@@ -425,17 +427,18 @@ class Model(nn.Module):
     @torch.no_grad()
     def pack_for_decoding(self):
         """Inference only, after .to(device, dtype): stack the weights of the projections that
-        read the same input (q, k, v; x, B, C, dt, gate) into one matrix per layer and make each
-        weight a view of its rows. The parameters and state_dict stay the same, no memory is
+        read the same input (q, k, v; x, B, C, dt, gate; the MLP's w1, w3) into one matrix each
+        and make each weight a view of its rows. The parameters and state_dict stay the same, no memory is
         added, and each group runs as one matmul: at one token a matmul costs ~3 us before it
         moves a byte, and these are small (docs/bench_log.md)."""
         for layer in self.layers:
-            m = layer.mixer
-            group = ((m.q_proj, m.k_proj, m.v_proj) if isinstance(m, Attention) else
-                     (m.x_proj, m.b_proj, m.c_proj, m.dt_proj, m.g_proj))
-            m.packed = torch.cat([lin.weight for lin in group])
-            for lin, w in zip(group, m.packed.split([lin.out_features for lin in group])):
-                lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
+            m, mlp = layer.mixer, layer.mlp
+            mixer_group = ((m.q_proj, m.k_proj, m.v_proj) if isinstance(m, Attention) else
+                           (m.x_proj, m.b_proj, m.c_proj, m.dt_proj, m.g_proj))
+            for owner, group in ((m, mixer_group), (mlp, (mlp.w1, mlp.w3))):
+                owner.packed = torch.cat([lin.weight for lin in group])
+                for lin, w in zip(group, owner.packed.split([lin.out_features for lin in group])):
+                    lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
         return self
 
     def new_cache(self, batch, max_len=None, device=None, dtype=None):

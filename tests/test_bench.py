@@ -71,6 +71,9 @@ def test_packed_projections_decode_the_same():
         assert all(p.untyped_storage().data_ptr() == mixer.packed.untyped_storage().data_ptr()
                    for name, p in mixer.named_parameters() if name.endswith("proj.weight")
                    and not name.startswith("o_proj"))
+        mlp = model.layers[-1].mlp                                   # and the MLP's w1, w3
+        assert all(w.untyped_storage().data_ptr() == mlp.packed.untyped_storage().data_ptr()
+                   for w in (mlp.w1.weight, mlp.w3.weight))
 
 
 def test_curves_reads_the_losses_of_a_run(tmp_path, monkeypatch):
