@@ -162,13 +162,15 @@ def run_table(table, args, extra, n):
         records += run
     teacher = [r for r in records if r["model"] == "teacher"][-1]["qa_accuracy"]
     lines = [f"### {TITLES[table]}", "",
-             "| row | QA accuracy | of the teacher | caption loss | train s (its stages) | paper (MME / POPE / TextVQA / SQA-I) |",
+             "| row | QA accuracy | of the teacher | caption loss | train s (its stages) "
+             "| paper (MME / POPE / TextVQA / SQA-I) |",
              "|---|---|---|---|---|---|"]
     out = []
     for label, key, match in rows:
         found = [r for r in records if match(r)]
         if not found:
-            raise InputError(f"table {table}: no result for row {label!r}; delete {os.path.join(args.run_dir, args.name)} and rerun")
+            raise InputError(f"table {table}: no result for row {label!r}; "
+                             f"delete {os.path.join(args.run_dir, args.name)} and rerun")
         r = found[-1]
         out.append({"row": label, **r})
         share = f"{r['qa_accuracy'] / teacher:.1%}" if teacher else "-"

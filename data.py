@@ -229,7 +229,7 @@ def prompt_text(question):
     """The question comes before the image: then the image tokens are read knowing what is asked.
     With the image first, "What color is the square?" means finding a shape by its name among
     patches that each see a quarter of it, and our small teacher stalled there (78% QA after 5000
-    steps; question first: 100%, docs/small_gpu/teacher_study.md). A recurrent student gains
+    steps; question first: 100%, docs/small_gpu/README.md). A recurrent student gains
     from this order too: it can keep what the question needs as it reads the image."""
     return f"<|im_start|>user\n{question}\n<image><|im_end|>\n<|im_start|>assistant\n"
 

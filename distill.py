@@ -95,9 +95,12 @@ def parse_args(argv):
     args.attn_layers = parse_layers(args.attn_layers)
     if args.stages is not None:
         args.stages = parse_stages(args.stages)
-    if (args.attn_every is not None or args.attn_layers is not None) and (args.preset or (args.stage in ("0", "all") and args.stages is None)):
-        hybrid_layout(PRESETS[args.preset or "tiny"].n_layer, args.attn_every, args.attn_layers)  # fail now,
-    return args                                                         # not after stage 2
+    # a hybrid layer index out of range fails now, not after training the teacher; without a
+    # teacher to train the layer count comes from its checkpoint (checked in run)
+    trains_teacher = args.stage in ("0", "all") and args.stages is None
+    if (args.attn_every is not None or args.attn_layers is not None) and (args.preset or trains_teacher):
+        hybrid_layout(PRESETS[args.preset or "tiny"].n_layer, args.attn_every, args.attn_layers)
+    return args
 
 
 def parse_stages(text):
@@ -478,7 +481,7 @@ def run(args, env, device, t_start):
     else:
         stages = [0, 1, 2, 3] if args.stage == "all" else [int(args.stage)]
     hybrid_asked = args.attn_every is not None or args.attn_layers is not None
-    teacher_row = None
+    teacher, teacher_row = None, None
     for stage in stages:
         if stage == 0:
             args.preset = args.preset or "tiny"
@@ -490,17 +493,19 @@ def run(args, env, device, t_start):
             teacher, secs = train_stage("stage 0 teacher", teacher, loss, train, tok, args, env, 0,
                                         path("stage0_teacher.pt"), dict(kind="teacher", preset=args.preset))
             teacher_row = report(0, "teacher", teacher, secs, evalset, tok, env, args)
+            teacher = None                              # the later stages read the finished checkpoint
             continue
-        # stages 1-3 start from the teacher (frozen) and the previous stage's student
-        t_ckpt = load_finished(path("stage0_teacher.pt"), 0, args, "teacher")
-        tok = Tokenizer.from_str(t_ckpt["tokenizer"])
-        args.preset = args.preset or t_ckpt.get("preset")
-        teacher = to_env(model_from_checkpoint(t_ckpt), args, env).eval().requires_grad_(False)
-        if hybrid_asked:                                        # a wrong layer index fails before training
-            hybrid_layout(teacher.cfg.n_layer, args.attn_every, args.attn_layers)
-        if teacher_row is None:
-            teacher_row = report(0, "teacher", teacher, None, evalset, tok, env, args)
-        extra = dict(preset=t_ckpt.get("preset"), init=args.init)
+        # stages 1-3 start from the teacher (frozen, loaded once) and the previous stage's student
+        if teacher is None:
+            t_ckpt = load_finished(path("stage0_teacher.pt"), 0, args, "teacher")
+            tok = Tokenizer.from_str(t_ckpt["tokenizer"])
+            args.preset = args.preset or t_ckpt.get("preset")
+            teacher = to_env(model_from_checkpoint(t_ckpt), args, env).eval().requires_grad_(False)
+            if hybrid_asked:                                    # a wrong layer index fails before training
+                hybrid_layout(teacher.cfg.n_layer, args.attn_every, args.attn_layers)
+            if teacher_row is None:
+                teacher_row = report(0, "teacher", teacher, None, evalset, tok, env, args)
+            extra = dict(preset=t_ckpt.get("preset"), init=args.init)
         source = start_student(stage, teacher, args, env, path)
         if stage is None:                                       # --stages none: the seeded student as is
             report(None, "linear", source, 0, evalset, tok, env, args, [teacher_row])
@@ -516,7 +521,8 @@ def run(args, env, device, t_start):
         # stage 3: the linear student, and/or the hybrid built from the same stage-2 student
         n = teacher.cfg.n_layer
         layers = args.attn_layers
-        kinds = [("linear", "M" * n)] if not (hybrid_asked and args.stage == "3" and args.stages is None) else []
+        # --stage 3 with --attn-*: the hybrid only; a full run: both
+        kinds = [] if hybrid_asked and args.stage == "3" else [("linear", "M" * n)]
         if hybrid_asked or (args.stage == "all" and args.stages is None):
             kinds.append(("hybrid", hybrid_layout(n, args.attn_every or (None if layers else 4), layers)))
         for kind, layout in kinds:

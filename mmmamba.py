@@ -428,9 +428,9 @@ class Model(nn.Module):
     def pack_for_decoding(self):
         """Inference only, after .to(device, dtype): stack the weights of the projections that
         read the same input (q, k, v; x, B, C, dt, gate; the MLP's w1, w3) into one matrix each
-        and make each weight a view of its rows. The parameters and state_dict stay the same, no memory is
-        added, and each group runs as one matmul: at one token a matmul costs ~3 us before it
-        moves a byte, and these are small (docs/bench_log.md)."""
+        and make each weight a view of its rows. The parameters and state_dict stay the same, no
+        memory is added, and each group runs as one matmul: at one token a matmul costs ~3 us
+        before it moves a byte, and these are small (docs/bench_log.md)."""
         for layer in self.layers:
             m, mlp = layer.mixer, layer.mlp
             mixer_group = ((m.q_proj, m.k_proj, m.v_proj) if isinstance(m, Attention) else
