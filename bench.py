@@ -15,11 +15,13 @@ latency is printed next to it.
 
 How a step is timed. The caches are filled with random values and cache.pos is set to the
 context, instead of prefilling (a step's cost depends only on the cache's size, and prefilling
-128K tokens through the teacher would take minutes). Then the step of one token runs three ways:
+128K tokens through the teacher would take minutes). Then the step of one token runs four ways:
     eager     the Python model as written: one kernel launch per PyTorch op
     graph     the same kernels captured once in a CUDA graph and replayed (no launch overhead)
     compiled  each decoder layer through torch.compile (fuses norms, RoPE, gate and other
               elementwise glue into few kernels), then captured in a CUDA graph
+    fused     fused_decode.Decoder: five hand-written Triton kernels per layer, each matmul of
+              one token carrying the elementwise work around it, in a CUDA graph
 An attention layer's graph attends up to the cache.pos of its capture: we capture per context.
 Latencies are medians over many steps, timed with CUDA events after warm-up.
 """
@@ -36,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fused_decode import Decoder
 from mmmamba import (IM_END_ID, IM_START_ID, IMAGE_ID, PRESETS, ArgumentParser, InputError, Model,
                      expand_image_placeholder, hybrid_layout, load_checkpoint, run_cli)
 
@@ -43,6 +46,8 @@ K = 1024
 CONTEXTS = [1 * K, 4 * K, 8 * K, 16 * K, 32 * K, 64 * K, 103 * K, 128 * K]
 QUICK_CONTEXTS = [1 * K, 32 * K, 103 * K]
 MODELS = ("teacher", "hybrid", "linear")
+WAYS = ("eager", "graph", "compiled", "fused")                  # how a step runs (module docstring)
+WAYS_MS = [f"{w}_ms" for w in WAYS]
 PAPER_103K = {"teacher": (142.65, 21.69), "hybrid": (10.54, 8.64), "linear": (6.94, 5.22)}  # ms, GB
 PAPER_TOK_S = {"teacher": 33.0, "hybrid": 134.8, "linear": 132.4}                        # Table 2
 
@@ -134,10 +139,10 @@ def rel_err(a, ref):
     return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def decode_point(model, context, iters, cuda, compiled=None, profile=False):
+def decode_point(model, context, iters, cuda, compiled=None, profile=False, fused=None):
     """Time the step of token `context` + 1 after a random cache of `context` tokens. Returns
-    eager_ms, mem_gb (peak: weights + cache + step), and on CUDA graph_ms and compiled_ms with
-    each variant's relative logit error against the eager step on the same state."""
+    eager_ms, mem_gb (peak: weights + cache + step), and on CUDA graph_ms, compiled_ms and
+    fused_ms with each variant's relative logit error against the eager step on the same state."""
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -150,6 +155,10 @@ def decode_point(model, context, iters, cuda, compiled=None, profile=False):
     def step():
         cache.pos = context                         # every run decodes the same position
         return model(token, None, cache)
+
+    def fused_step():
+        cache.pos = context
+        return fused.step(token, cache)
 
     row = {"eager_ms": median_ms(step, max(5, iters // 5), cuda)}
     if not cuda:
@@ -164,17 +173,18 @@ def decode_point(model, context, iters, cuda, compiled=None, profile=False):
     ref = step().float()
     plain = model.layers
     try:
-        for name, layers in [("graph", plain), ("compiled", compiled)]:
+        for name, layers, fn in [("graph", plain, step), ("compiled", compiled, step),
+                                 ("fused", plain if fused else None, fused_step)]:
             if layers is None:
                 continue
             model.layers = layers
             try:
-                graph, out = capture(step)
-            except (RuntimeError, AssertionError) as e:  # torch.compile can fail on new code:
-                if name != "compiled":                   # report it, keep the other numbers
+                graph, out = capture(fn)
+            except (RuntimeError, AssertionError) as e:  # torch.compile or triton can fail on new
+                if name == "graph":                      # code: report it, keep the other numbers
                     raise
-                row["compiled_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                break
+                row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                continue
             restore()
             graph.replay()
             row[f"{name}_err"] = rel_err(out, ref)
@@ -205,13 +215,13 @@ def profile_kernels(fn, label, steps=3):
     return n, busy
 
 
-def measure(model, kind, context, bw, iters, cuda, compiled=None, profile=False):
+def measure(model, kind, context, bw, iters, cuda, compiled=None, profile=False, fused=None):
     """One row of the decode table; out-of-memory is a result, not a crash."""
     nbytes = weight_bytes(model) + state_bytes(model, context)
     row = {"model": kind, "context": context, "step_gb": nbytes / 1e9, "floor_ms": nbytes / bw * 1e3}
     try:
-        row.update(decode_point(model, context, iters, cuda, compiled, profile))
-        row["best_ms"] = min(row.get(k, float("inf")) for k in ("eager_ms", "graph_ms", "compiled_ms"))
+        row.update(decode_point(model, context, iters, cuda, compiled, profile, fused))
+        row["best_ms"] = min(row.get(k, float("inf")) for k in WAYS_MS)
         row["ratio"] = row["best_ms"] / row["floor_ms"]
     except torch.cuda.OutOfMemoryError:
         row["status"] = "OOM"
@@ -282,10 +292,11 @@ def decode_table(rows):
 
 
 def ways_table(rows):
-    header = ["model", "context", "eager ms", "graph ms", "compiled ms", "floor ms", "kernels graph/compiled"]
-    return markdown(header, [[r["model"], f"{r['context'] // K}K", fmt(r, "eager_ms"), fmt(r, "graph_ms"),
-                              fmt(r, "compiled_ms"), fmt(r, "floor_ms"),
-                              f"{fmt(r, 'graph_kernels', '.0f')}/{fmt(r, 'compiled_kernels', '.0f')}"]
+    header = ["model", "context", "eager ms", "graph ms", "compiled ms", "fused ms", "floor ms",
+              "kernels graph/compiled/fused"]
+    return markdown(header, [[r["model"], f"{r['context'] // K}K"] + [fmt(r, k) for k in WAYS_MS]
+                             + [fmt(r, "floor_ms"), "/".join(fmt(r, f"{w}_kernels", ".0f")
+                                                             for w in ("graph", "compiled", "fused"))]
                              for r in rows])
 
 
@@ -359,26 +370,30 @@ def run_decode(args):
     for kind in args.models.split(","):
         model = build(cfg, kind, dev, torch.bfloat16)
         compiled = None if args.no_compile else nn.ModuleList(torch.compile(l) for l in model.layers)
+        fused = None if args.no_fused else Decoder(model)
         print(f"\n{kind}: layout {model.cfg.kinds}, weights read per step {weight_bytes(model) / 1e9:.2f} GB")
         for i, T in enumerate(contexts):
             t0 = time.time()
             profile = args.profile and i in (0, len(contexts) - 1)
-            row = measure(model, kind, T, bw, args.iters, True, compiled, profile)
+            row = measure(model, kind, T, bw, args.iters, True, compiled, profile, fused)
             if "compiled_error" in row:
                 print(f"  torch.compile failed, continuing without it: {row['compiled_error']}")
                 compiled = None
+            if "fused_error" in row:
+                print(f"  the fused decoder failed, continuing without it: {row['fused_error']}")
+                fused = None
             rows.append(row)
             write_csv(rows, os.path.join(args.out_dir, "bench_decode.csv"))
             print(f"  {T // K:>4}K: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in row.items() if k not in ("model", "context"))
                   + f" ({time.time() - t0:.0f} s)")
-        del model, compiled
+        del model, compiled, fused
         gc.collect()
         torch.cuda.empty_cache()
     print(f"\n## Next-token latency (ms) and peak memory (GB), {torch.cuda.get_device_name()}, "
           f"copy bandwidth {bw / 1e12:.2f} TB/s\n")
     print(decode_table(rows))
-    print("\n## The three ways of running a step\n")
+    print("\n## The four ways of running a step\n")
     print(ways_table(rows))
     print("\n## At 103K against the paper (RTX 4090, PAPER.md section 6)\n")
     print(paper_table(rows))
@@ -389,9 +404,9 @@ def run_decode(args):
 # Table 2: one image and a short prompt, then 256 new tokens
 
 
-def generation_ms(model, tokens, images, n_new, layers=None, graphs=False):
+def generation_ms(model, tokens, images, n_new, layers=None, graphs=False, fused=None):
     """Prefill the prompt, then n_new - 1 greedy steps (the prefill gives the first token) with
-    `layers` (default: the model's own), each step eager or a CUDA graph captured beforehand,
+    `layers` (default: the model's own) or the `fused` Decoder, each step eager or a CUDA graph captured beforehand,
     one per position (an attention layer attends up to a fixed position). Tokens stay on the
     GPU: no host sync per token. Returns (prefill ms, decode ms, capture s)."""
     cache = model.new_cache(1, tokens.shape[1] + n_new)
@@ -402,7 +417,7 @@ def generation_ms(model, tokens, images, n_new, layers=None, graphs=False):
     def step_at(pos):
         def step():
             cache.pos = pos
-            tok.copy_(model(tok, None, cache)[:, -1:].argmax(-1))
+            tok.copy_((fused.step(tok, cache) if fused else model(tok, None, cache))[:, -1:].argmax(-1))
         return step
 
     steps, capture_s = [step_at(p) for p in positions], 0.0
@@ -450,29 +465,32 @@ def run_prompt(args):
     for kind in args.models.split(","):
         model = build(cfg, kind, dev, torch.bfloat16)
         compiled = None if args.no_compile else nn.ModuleList(torch.compile(l) for l in model.layers)
+        fused = None if args.no_fused else Decoder(model)
         row = {"model": kind, "prompt_tokens": tokens.shape[1], "new_tokens": args.new_tokens}
-        for way, layers, graphs in [("eager", None, False), ("graph", None, True), ("compiled", compiled, True)]:
-            if way == "compiled" and compiled is None:
+        for way, layers, graphs in [("eager", None, False), ("graph", None, True), ("compiled", compiled, True),
+                                    ("fused", None, True)]:
+            if (way == "compiled" and compiled is None) or (way == "fused" and fused is None):
                 continue
-            generation_ms(model, tokens, images, 4, layers)   # warm-up; compiles at 3 positions
-            prefill, decode, cap = generation_ms(model, tokens, images, args.new_tokens, layers, graphs)
+            dec = fused if way == "fused" else None
+            generation_ms(model, tokens, images, 4, layers, fused=dec)   # warm-up; compiles
+            prefill, decode, cap = generation_ms(model, tokens, images, args.new_tokens, layers, graphs, dec)
             row.update({"prefill_ms": prefill, f"{way}_decode_ms": decode, f"{way}_capture_s": cap,
                         f"{way}_tok_s": args.new_tokens / ((prefill + decode) * 1e-3)})
             print(f"  {kind} {way}: prefill {prefill:.1f} ms, decode {decode:.1f} ms, "
                   f"{row[f'{way}_tok_s']:.1f} tok/s (graph capture {cap:.1f} s, not counted)")
         rows.append(row)
-        del model, compiled
+        del model, compiled, fused
         gc.collect()
         torch.cuda.empty_cache()
     os.makedirs(args.out_dir, exist_ok=True)
     write_csv(rows, os.path.join(args.out_dir, "bench_prompt.csv"))
     lines = [[r["model"], r["prompt_tokens"], fmt(r, "prefill_ms", ".1f")]
-             + [fmt(r, f"{w}_decode_ms", ".1f") for w in ("eager", "graph", "compiled")]
-             + [fmt(r, f"{w}_tok_s", ".1f") for w in ("eager", "graph", "compiled")]
+             + [fmt(r, f"{w}_decode_ms", ".1f") for w in WAYS]
+             + [fmt(r, f"{w}_tok_s", ".1f") for w in WAYS]
              + [PAPER_TOK_S[r["model"]]] for r in rows]
     print(f"\n## Table 2 protocol, {torch.cuda.get_device_name()} (tok/s = new tokens / (prefill + decode))\n")
     print(markdown(["model", "prompt", "prefill ms (last way)", "decode ms eager", "graph", "compiled",
-                    "tok/s eager", "graph", "compiled", "tok/s paper (4090)"], lines))
+                    "fused", "tok/s eager", "graph", "compiled", "fused", "tok/s paper (4090)"], lines))
 
 
 def run_kernel(args):
@@ -531,6 +549,7 @@ def main():
     p.add_argument("--iters", type=int, default=100, help="decode: timed graph replays per point")
     p.add_argument("--new-tokens", type=int, default=256, help="prompt: tokens to generate")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    p.add_argument("--no-fused", action="store_true", help="skip the fused Triton decoder")
     p.add_argument("--profile", action="store_true",
                    help="decode: profile the first and last context, and time SDPA variants")
     p.add_argument("--out-dir", default="bench_out", help="where the CSV and PNG go")

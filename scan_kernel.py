@@ -438,12 +438,13 @@ def _scan_bwd_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_
 
 @triton.jit
 def _step_kernel(s_ptr, out_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, y_ptr,
-                 H, P, N, BP: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 H, P, N, BP: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, REP: tl.constexpr):
     """One decoding token for a (BP, N) tile of one (batch, head) state: read it once, decay,
     add dt x B^T, write it back (out_ptr may be s_ptr: in place) and read out y = S C.
-    Pure bandwidth (64 KiB of fp32 state per head); the point is one launch per layer."""
+    Pure bandwidth (64 KiB of fp32 state per head); the point is one launch per layer.
+    REP > 1: x and B hold one head per REP heads (grouped heads, fused_decode.py)."""
     bh, pt = tl.program_id(0), tl.program_id(1)
-    hi = bh % H
+    hi, g = bh % H, bh // REP
     p = pt * BP + tl.arange(0, BP)
     n = tl.arange(0, BN)
     m = (p < P)[:, None] & (n < N)[None, :]
@@ -452,8 +453,8 @@ def _step_kernel(s_ptr, out_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr
         raw += tl.load(dt_bias_ptr + hi).to(tl.float32)
     dt = tl.where(raw > 20.0, raw, tl.maximum(raw, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(raw))))
     decay = tl.exp(tl.minimum(dt * tl.load(A_ptr + hi).to(tl.float32), 0.0))
-    x = tl.load(x_ptr + bh * P + p, mask=p < P, other=0.0).to(tl.float32)
-    Bv = tl.load(B_ptr + bh * N + n, mask=n < N, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + g * P + p, mask=p < P, other=0.0).to(tl.float32)
+    Bv = tl.load(B_ptr + g * N + n, mask=n < N, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + bh * N + n, mask=n < N, other=0.0).to(tl.float32)
     offs = (bh * P + p)[:, None].to(tl.int64) * N + n[None, :]
     S = tl.load(s_ptr + offs, mask=m, other=0.0) * decay + (dt * x)[:, None] * Bv[None, :]
@@ -660,7 +661,7 @@ def ssd_step_triton(state, x, dt, A, B, C, dt_bias=None, inplace=False):
     BP = min(64, _pow2(p))
     _step_kernel[(b * h, triton.cdiv(p, BP))](
         src, out, x, dt, dt_bias if dt_bias is not None else A, A, B, C, y, h, p, n,
-        BP=BP, BN=_pow2(n), HAS_BIAS=dt_bias is not None, num_warps=4)
+        BP=BP, BN=_pow2(n), HAS_BIAS=dt_bias is not None, REP=1, num_warps=4)
     if inplace and not direct:
         state.copy_(out)
         out = state

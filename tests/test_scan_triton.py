@@ -5,33 +5,18 @@ chunk 16), compared with ssd_quadratic / ssd_recurrent / ssd_step_reference in f
 gradients included. GPU (skipped without CUDA): bf16 and fp32 at the mmMamba shape
 (h=16, p=n=128, chunk 128), compiled kernels.
 
-Triton reads TRITON_INTERPRET whenever @triton.jit decorates a function: for its own library
-(tl.zeros, tl.cumsum, ...) when `import triton` runs, for our kernels when scan_kernel is
-imported, and once more at the first interpreted launch. So on a machine without CUDA the
-variable is set here, at the top, and if another test module was collected first and already
-imported triton or scan_kernel (mmmamba.py imports scan_kernel), both are dropped from
-sys.modules and imported again, now interpreted (all but triton._C, the compiled extension:
-loading it twice aborts the process; it holds no decorated functions). Modules imported earlier keep their compiled
-copies; on CPU their backend="auto" runs the PyTorch code, which no kernel touches.
-With CUDA the variable is left alone and the interpreter tests are skipped: the GPU tests run
-the same checks on the compiled kernels.
+CPU-only machines run the kernels in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET before anything imports triton); with CUDA the interpreter tests are
+skipped and the GPU tests run the same checks on the compiled kernels.
 """
 import os
-import pathlib
-import sys
 
 import pytest
 import torch
 
-INTERPRET = not torch.cuda.is_available()
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-    for name in [m for m in sys.modules if m in ("triton", "scan_kernel")
-                 or (m.startswith("triton.") and not m.startswith("triton._C"))]:
-        del sys.modules[name]
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import scan_kernel as sk  # noqa: E402
+import scan_kernel as sk
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not (INTERPRET and sk.HAS_TRITON),
                                        reason="interpreter tests: CPU-only machines with triton")
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and sk.HAS_TRITON),

@@ -1,0 +1,90 @@
+# issue #5 study (docs/bench_log.md, "v4"): fused_decode.py on the paper preset, one H100.
+#   sweep     the launch settings (fused_decode.CONFIG), one matrix kind at a time, whole-step time
+#   pdl       programmatic dependent launch off / on, and the SSM step's rows per program
+#   accuracy  logits of the fused and the PyTorch bf16 step against the model in float64
+# run on a GPU from the repository root: python docs/decode_study/fused_study.py [sweep] [pdl] [accuracy]
+# writes docs/decode_study/fused_study.json (or $OUT/fused_study.json)
+import copy, json, os, sys, time
+sys.path[:0] = [".", "tests"]
+import torch
+import bench
+import fused_decode as fd
+from mmmamba import PRESETS
+from test_fused_decode import random_caches, rel
+
+cfg, dev = PRESETS["paper"], torch.device("cuda")
+bw = bench.copy_bandwidth(dev)
+out = os.path.join(os.environ.get("OUT", "docs/decode_study"), "fused_study.json")
+log = {"device": torch.cuda.get_device_name(), "bw_TBs": bw / 1e12, "config": dict(fd.CONFIG)}
+tok = torch.tensor([[11]], device=dev)
+
+
+def step_ms(model, context, pdl=None, iters=40):
+    """Median ms of the fused step at `context`, captured in a CUDA graph (new Decoder: new settings)."""
+    dec = fd.Decoder(model)
+    dec.pdl = dec.pdl if pdl is None else pdl
+    cache = random_caches([model], context + 1, context)[0]
+    def step():
+        cache.pos = context
+        return dec.step(tok, cache)
+    graph, _ = bench.capture(step)
+    return bench.median_ms(graph.replay, iters, True)
+
+
+def floor_ms(model, context):
+    return (bench.weight_bytes(model) + bench.state_bytes(model, context)) / bw * 1e3
+
+
+if "sweep" in sys.argv:
+    log["sweep"] = []
+    for kind_model, context, kinds in [("linear", 1024, ["mlp", "in", "w2", "out", "head"]), ("teacher", 8192, ["qkv"])]:
+        model = bench.build(cfg, kind_model, dev, torch.bfloat16)
+        best_ms = step_ms(model, context)
+        print(f"{kind_model} {context}: {best_ms:.4f} ms at {fd.CONFIG} (floor {floor_ms(model, context):.4f})", flush=True)
+        for kind in kinds:
+            K = cfg.d_mlp if kind == "w2" else cfg.d_model
+            keep = fd.CONFIG[kind]
+            for cand in [(br, bk, w) for br in (4, 8, 16, 32) for bk in (512, 1024, 2048, 4096) for w in (4, 8)
+                         if bk <= K]:
+                fd.CONFIG[kind] = cand
+                ms = step_ms(model, context)
+                log["sweep"].append([kind_model, context, kind, cand, ms])
+                if ms < best_ms:
+                    best_ms, keep = ms, cand
+            fd.CONFIG[kind] = keep
+            print(f"  {kind}: best {keep}, {best_ms:.4f} ms", flush=True)
+        del model
+        torch.cuda.empty_cache()
+    log["best_config"] = dict(fd.CONFIG)
+    json.dump(log, open(out, "w"), indent=1)
+
+if "pdl" in sys.argv:
+    log["pdl"] = {}
+    for kind, context in [("linear", 1024), ("hybrid", 8192), ("teacher", 1024), ("teacher", 8192)]:
+        model = bench.build(cfg, kind, dev, torch.bfloat16)
+        off, on = step_ms(model, context, pdl=False, iters=100), step_ms(model, context, pdl=True, iters=100)
+        log["pdl"][f"{kind} {context}"] = {"off_ms": off, "on_ms": on, "floor_ms": floor_ms(model, context)}
+        print(f"{kind} {context}: PDL off {off:.4f} ms, on {on:.4f} ms", flush=True)
+        if kind == "linear":
+            keep = fd.STEP_BP
+            for bp in (8, 16, 32, 64):
+                fd.STEP_BP = bp
+                log["pdl"][f"STEP_BP {bp}"] = step_ms(model, context, iters=100)
+                print(f"  STEP_BP {bp}: {log['pdl'][f'STEP_BP {bp}']:.4f} ms", flush=True)
+            fd.STEP_BP = keep
+        del model
+        torch.cuda.empty_cache()
+    json.dump(log, open(out, "w"), indent=1)
+
+if "accuracy" in sys.argv:
+    log["accuracy"] = {}
+    for kind in ("teacher", "hybrid", "linear"):
+        model = bench.build(cfg, kind, dev, torch.bfloat16)
+        ref = copy.deepcopy(model).double()
+        fused, eager, want = random_caches([model, model, ref], 8193, 8192)
+        lf, le, lr = fd.Decoder(model).step(tok, fused), model(tok, None, eager), ref(tok, None, want)
+        log["accuracy"][kind] = {"fused_vs_f64": rel(lf, lr), "torch_bf16_vs_f64": rel(le, lr), "fused_vs_torch": rel(lf, le)}
+        print(f"{kind} 8K: logits vs float64: fused {rel(lf, lr):.4f}, PyTorch bf16 {rel(le, lr):.4f}", flush=True)
+        del model, ref, fused, eager, want
+        torch.cuda.empty_cache()
+    json.dump(log, open(out, "w"), indent=1)

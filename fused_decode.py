@@ -1,0 +1,288 @@
+"""
+One decoding token of a whole model (teacher, hybrid or linear) in five Triton kernels per
+layer: the fast path of issue #5 (the paper's Figure 1), next to the PyTorch step in
+mmmamba.py that it must reproduce (tests/test_fused_decode.py, in Triton's interpreter).
+
+Why a separate path: at batch 1 every weight is read once per token and used once, so a
+step can go no faster than reading the weights (4.4-4.7 GB for the paper preset). The
+PyTorch step, compiled and replayed as a CUDA graph, runs ~19 kernels per layer; the
+matmuls of one token reach 1.9-2.4 TB/s and every small kernel between them (norms, conv,
+RoPE, cache writes, gates, residual adds) costs 1.5-3 us (docs/bench_log.md). Here each
+matmul carries the elementwise work before and after it:
+
+    Mamba-2 layer                                    attention layer
+    1 RMSNorm -> [x B C dt gate] -> conv, SiLU       1 RMSNorm -> [q k v] -> RoPE -> KV cache
+    2 state update, y = S C  (scan_kernel's step)    2 attention over the cache (PyTorch SDPA)
+    3 per-head RMSNorm, gate -> W_O -> + residual    3 W_O -> + residual
+    4 RMSNorm -> [w1 w3] -> silu(a) * b              4, 5 the same MLP
+    5 w2 -> + residual
+and the final RMSNorm -> LM head. Each matmul is a matrix-vector product: a program owns
+BR rows of the weight and walks the whole input in blocks of BK (fp32 accumulation).
+
+Glossary as mmmamba.py: D d_model, H / Hkv heads, hd head dim (P = N), F d_mlp, V vocab,
+K conv width; "rows" are output features, the weight is (rows, D) row-major.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+import scan_kernel as sk
+from mmmamba import Attention, InputError
+from scan_kernel import HAS_TRITON, tl, triton
+
+# Launch settings per matrix: rows per program (a paired kernel reads BR / 2 pairs), inputs
+# per block, warps; from the sweep in docs/bench_log.md (H100). "qkv": attention's [q k v];
+# "in": Mamba-2's [x B C dt gate]; "mlp": [w1 w3]; "out": W_O; "w2"; "head": the LM head.
+CONFIG = {"qkv": (4, 512, 4), "in": (16, 512, 8), "mlp": (32, 512, 8), "out": (4, 1024, 8),
+          "w2": (4, 4096, 8), "head": (8, 1024, 8)}
+STEP_BP = 32            # rows of the state per program in the SSM step (scan_kernel._step_kernel)
+# Programmatic dependent launch (Hopper on): each kernel may start while the one before it
+# finishes, and reads its first block of weights before it waits for that kernel's output.
+PDL = True
+
+
+@triton.jit
+def _block(acc, ss, w, k, K, u_ptr, g_ptr, z_ptr, eps, BK: tl.constexpr, NORM: tl.constexpr,
+           GS: tl.constexpr):
+    """One block of _matvec: acc += w v[k] for the (BR, BK) weights w of inputs k."""
+    k_ok = k < K
+    u = tl.load(u_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    if NORM == 1:
+        ss += u * u
+        u = u * tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    if NORM == 2:
+        heads = tl.reshape(u, (BK // GS, GS))                               # (heads in block, hd)
+        r = tl.rsqrt(tl.sum(heads * heads, axis=1) / GS + eps)
+        z = tl.load(z_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        u = tl.reshape(heads * r[:, None], (BK,)) * g * z * tl.sigmoid(z)
+    return acc + tl.sum(w.to(tl.float32) * u[None, :], axis=1), ss
+
+
+@triton.jit
+def _matvec(w_ptr, rows, row_ok, K, u_ptr, g_ptr, z_ptr, eps, BR: tl.constexpr,
+            BK: tl.constexpr, NORM: tl.constexpr, GS: tl.constexpr, PDL: tl.constexpr):
+    """acc[r] = sum_k W[rows[r], k] v[k], v made from u on the fly:
+        NORM 0: v = u
+        NORM 1: v = RMSNorm(u) * g. The norm of the whole vector is one scalar, so it is
+                applied to acc at the end: no pass over u before the matmul.
+        NORM 2: v = RMSNorm of each group of GS (a head) * g * silu(z): Mamba-2's gated norm
+                (BK is a multiple of GS, so every block holds whole heads).
+    PDL: the next kernel may launch now, and the weights do not depend on the kernel before,
+    so the first block is loaded before waiting for that kernel to finish; everything this
+    kernel reads or writes that another kernel writes or reads comes after the wait."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    acc = tl.zeros([BR], dtype=tl.float32)
+    ss = tl.zeros([BK], dtype=tl.float32)
+    k = tl.arange(0, BK)
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * K + k[None, :]          # (BR, BK) pointers
+    w = tl.load(w_rows, mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    acc, ss = _block(acc, ss, w, k, K, u_ptr, g_ptr, z_ptr, eps, BK, NORM, GS)
+    for k0 in range(BK, K, BK):
+        w = tl.load(w_rows + k0, mask=row_ok[:, None] & (k0 + k < K)[None, :], other=0.0)
+        acc, ss = _block(acc, ss, w, k0 + k, K, u_ptr, g_ptr, z_ptr, eps, BK, NORM, GS)
+    if NORM == 1:
+        acc = acc * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    return acc
+
+
+@triton.jit
+def _pair_rows(BR: tl.constexpr, HALF):
+    """Rows for BR pairs (a, a + HALF), interleaved: pair i of this program is acc[2i], acc[2i+1].
+    The pairs: RoPE's two halves of each head (HALF = hd / 2), SwiGLU's w1 and w3 (HALF = F)."""
+    r = tl.arange(0, 2 * BR)
+    i = tl.program_id(0) * BR + r // 2                                      # pair index
+    return i, (i // HALF) * 2 * HALF + i % HALF + (r % 2) * HALF
+
+
+@triton.jit
+def _linear_kernel(w_ptr, u_ptr, g_ptr, z_ptr, out_ptr, N, K, eps, BR: tl.constexpr,
+                   BK: tl.constexpr, NORM: tl.constexpr, GS: tl.constexpr, RESIDUAL: tl.constexpr,
+                   PDL: tl.constexpr):
+    """out = W v (the LM head), or out += W v in place (W_O, w2: the residual add)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    acc = _matvec(w_ptr, rows, rows < N, K, u_ptr, g_ptr, z_ptr, eps, BR, BK, NORM, GS, PDL)
+    if RESIDUAL:
+        acc += tl.load(out_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=rows < N)
+
+
+@triton.jit
+def _swiglu_kernel(w_ptr, u_ptr, g_ptr, out_ptr, F, K, eps, BR: tl.constexpr, BK: tl.constexpr,
+                   PDL: tl.constexpr):
+    """out = silu(w1 v) * (w3 v), v = RMSNorm(u) * g; w_ptr is [w1; w3] stacked (2F, K)."""
+    i, rows = _pair_rows(BR, F)
+    acc = _matvec(w_ptr, rows, i < F, K, u_ptr, g_ptr, g_ptr, eps, 2 * BR, BK, 1, 1, PDL)
+    a, b = tl.split(tl.reshape(acc, (BR, 2)))
+    i = tl.program_id(0) * BR + tl.arange(0, BR)
+    tl.store(out_ptr + i, (a * tl.sigmoid(a) * b).to(out_ptr.dtype.element_ty), mask=i < F)
+
+
+@triton.jit
+def _store_halves(ptr, offs, a, b, mask, HALF: tl.constexpr):
+    tl.store(ptr + offs, a.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + offs + HALF, b.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _qkv_kernel(w_ptr, u_ptr, g_ptr, freq_ptr, q_ptr, k_ptr, v_ptr, pos, max_len, K, eps,
+                H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, BR: tl.constexpr,
+                BK: tl.constexpr, PDL: tl.constexpr):
+    """[q; k; v] = W v, v = RMSNorm(u) * g, then RoPE at `pos` on q and k (rotate-half: the
+    pair (a, b) = (x_d, x_{d + hd/2}) turns by pos * freq_d), q to q_ptr, k and v into the
+    KV cache (1, Hkv, max_len, hd) at `pos`. One program: BR pairs of rows of one head."""
+    HALF: tl.constexpr = HD // 2
+    i, rows = _pair_rows(BR, HALF)
+    n_pairs = (H + 2 * HKV) * HALF
+    acc = _matvec(w_ptr, rows, i < n_pairs, K, u_ptr, g_ptr, g_ptr, eps, 2 * BR, BK, 1, 1, PDL)
+    a, b = tl.split(tl.reshape(acc, (BR, 2)))
+    i = tl.program_id(0) * BR + tl.arange(0, BR)
+    ok = i < n_pairs
+    head, d = i // HALF, i % HALF
+    angle = pos * tl.load(freq_ptr + d)
+    cos, sin = tl.cos(angle), tl.sin(angle)
+    turn = head < H + HKV                                                   # q and k heads, not v
+    a, b = tl.where(turn, a * cos - b * sin, a), tl.where(turn, b * cos + a * sin, b)
+    kv_off = ((head - H) % HKV * max_len + pos).to(tl.int64) * HD + d
+    _store_halves(q_ptr, head * HD + d, a, b, ok & (head < H), HALF)
+    _store_halves(k_ptr, kv_off, a, b, ok & turn & (head >= H), HALF)
+    _store_halves(v_ptr, kv_off, a, b, ok & (head >= H + HKV), HALF)
+
+
+@triton.jit
+def _mamba_in_kernel(w_ptr, u_ptr, g_ptr, conv_ptr, cw_ptr, cb_ptr, out_ptr, N, K, CONV, eps,
+                     KC: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    """[x B C dt gate] = W v, v = RMSNorm(u) * g; then the causal conv of width KC and SiLU
+    on the CONV channels of x, B, C, the conv state (KC - 1, CONV) shifted by one token in
+    place. dt and gate rows go out raw (the step kernel adds dt_bias and softplus). Each
+    channel belongs to one program, which reads its old state before it writes the new."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    acc = _matvec(w_ptr, rows, rows < N, K, u_ptr, g_ptr, g_ptr, eps, BR, BK, 1, 1, PDL)
+    c_ok = rows < CONV
+    conv = tl.load(cb_ptr + rows, mask=c_ok, other=0.0).to(tl.float32) \
+        + tl.load(cw_ptr + rows * KC + KC - 1, mask=c_ok, other=0.0).to(tl.float32) * acc
+    old = tl.load(conv_ptr + rows, mask=c_ok, other=0.0).to(tl.float32)    # token t - KC + 1
+    for j in tl.static_range(KC - 1):
+        conv += tl.load(cw_ptr + rows * KC + j, mask=c_ok, other=0.0).to(tl.float32) * old
+        if j + 2 < KC:
+            old = tl.load(conv_ptr + (j + 1) * CONV + rows, mask=c_ok, other=0.0).to(tl.float32)
+        else:
+            old = acc                                                       # the new token
+        tl.store(conv_ptr + j * CONV + rows, old.to(conv_ptr.dtype.element_ty), mask=c_ok)
+    out = tl.where(c_ok, conv * tl.sigmoid(conv), acc)
+    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=rows < N)
+
+
+# -----------------------------------------------------------------------------
+# launching: one Decoder per model, one step per token
+
+
+def _settings(kind, K, pdl, GS=1):
+    """(BR, BK, launch options) for a matrix of K inputs: BK no wider than K needs, whole heads."""
+    BR, BK, warps = CONFIG[kind]
+    opts = dict(num_warps=warps, PDL=pdl) | (dict(launch_pdl=True) if pdl else {})
+    return BR, max(min(BK, sk._pow2(K)), GS), opts
+
+
+class Decoder:
+    """decoder.step(token, cache) == model(token, None, cache) for a (1, 1) token, in five
+    kernels per layer. Needs triton, CUDA (or TRITON_INTERPRET=1 with float32), batch 1, and
+    head_dim a power of two. The weights are read where they are (pack_for_decoding first,
+    done here if needed), but A = -exp(A_log) is taken once: after changing the weights, make
+    a new Decoder."""
+
+    def __init__(self, model):
+        cfg = self.cfg = model.cfg
+        if not HAS_TRITON:
+            raise InputError("the fused decoder needs the triton package: pip install triton")
+        if cfg.head_dim & (cfg.head_dim - 1):
+            raise InputError(f"the fused decoder needs head_dim a power of two, got {cfg.head_dim}: "
+                             "decode with the model itself")
+        p = model.output.weight
+        if not p.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise InputError("the fused decoder runs on a CUDA GPU (on the CPU only in Triton's "
+                             "interpreter: TRITON_INTERPRET=1 before Python starts, slow)")
+        if p.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise InputError(f"the fused decoder runs fp16, bf16 or fp32 models, not {p.dtype}")
+        if any(layer.mlp.packed is None for layer in model.layers):
+            model.pack_for_decoding()
+        self.model = model
+        self.pdl = PDL and p.is_cuda and torch.cuda.get_device_capability(p.device)[0] >= 9
+        hd = cfg.head_dim
+        # the RoPE frequencies, computed as mmmamba.rope computes them (same fp32 angles)
+        self.freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=p.device, dtype=torch.float32) / hd)
+        # Mamba-2's A = -exp(a) per layer, once (the step kernel takes A)
+        self.A = [None if isinstance(l.mixer, Attention) else -torch.exp(l.mixer.A_log.float())
+                  for l in model.layers]
+
+    def _linear(self, w, u, out, kind, norm=0, g=None, z=None, residual=False):
+        N, K = w.shape
+        GS = self.cfg.head_dim if norm == 2 else 1
+        BR, BK, opts = _settings(kind, K, self.pdl, GS)
+        _linear_kernel[(triton.cdiv(N, BR),)](w, u, g if g is not None else u, z if z is not None else u,
+                                              out, N, K, self.cfg.norm_eps, BR=BR, BK=BK, NORM=norm,
+                                              GS=GS, RESIDUAL=residual, **opts)
+
+    def _attention(self, layer, x, c, pos):
+        cfg, m = self.cfg, layer.mixer
+        H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        BR, BK, opts = _settings("qkv", cfg.d_model, self.pdl)
+        q = torch.empty(H * hd, device=x.device, dtype=x.dtype)
+        _qkv_kernel[(triton.cdiv((H + 2 * Hkv) * hd // 2, BR // 2),)](
+            m.packed, x, layer.attention_norm.weight, self.freq, q, c["k"], c["v"], pos,
+            c["k"].shape[2], cfg.d_model, cfg.norm_eps, H=H, HKV=Hkv, HD=hd, BR=BR // 2, BK=BK, **opts)
+        y = F.scaled_dot_product_attention(q.view(1, H, 1, hd), c["k"][:, :, :pos + 1],
+                                           c["v"][:, :, :pos + 1], enable_gqa=True)
+        self._linear(m.o_proj.weight, y.reshape(-1), x, "out", residual=True)
+
+    def _mamba(self, layer, x, c, A):
+        cfg, m = self.cfg, layer.mixer
+        H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        BR, BK, opts = _settings("in", cfg.d_model, self.pdl)
+        N, conv_dim = m.packed.shape[0], m.conv_dim
+        zx = torch.empty(N, device=x.device, dtype=torch.float32)          # [x B C] conv'd, dt, gate
+        _mamba_in_kernel[(triton.cdiv(N, BR),)](
+            m.packed, x, layer.attention_norm.weight, c["conv"], m.conv1d.weight, m.conv1d.bias, zx,
+            N, cfg.d_model, conv_dim, cfg.norm_eps, KC=cfg.conv_kernel, BR=BR, BK=BK, **opts)
+        y = torch.empty(H * hd, device=x.device, dtype=torch.float32)
+        BP = min(STEP_BP, sk._pow2(hd))
+        sk._step_kernel[(H, triton.cdiv(hd, BP))](
+            c["ssm"], c["ssm"], zx, zx[conv_dim:], m.dt_bias, A, zx[Hkv * hd:], zx[2 * Hkv * hd:], y,
+            H, hd, hd, BP=BP, BN=sk._pow2(hd), HAS_BIAS=True, REP=H // Hkv, num_warps=4)
+        self._linear(m.o_proj.weight, y, x, "out", norm=2, g=m.norm.weight, z=zx[conv_dim + H:],
+                     residual=True)
+
+    def _mlp(self, layer, x):
+        w = layer.mlp.packed
+        F_, K = w.shape[0] // 2, w.shape[1]
+        BR, BK, opts = _settings("mlp", K, self.pdl)
+        h = torch.empty(F_, device=x.device, dtype=x.dtype)
+        _swiglu_kernel[(triton.cdiv(F_, BR // 2),)](w, x, layer.ffn_norm.weight, h, F_, K,
+                                                    self.cfg.norm_eps, BR=BR // 2, BK=BK, **opts)
+        self._linear(layer.mlp.w2.weight, h, x, "w2", residual=True)
+
+    @torch.no_grad()
+    def step(self, token, cache):
+        """token: (1, 1) int64 on the model's device. Returns logits (1, 1, V); advances cache."""
+        model, pos = self.model, cache.pos
+        if token.shape != (1, 1):
+            raise InputError(f"the fused decoder takes one token of one sequence, (1, 1), got "
+                             f"{tuple(token.shape)}: decode larger batches with the model itself")
+        if pos + 1 > cache.max_len:
+            raise InputError(f"position {pos} is past the cache's {cache.max_len} tokens: make a "
+                             "larger cache (model.new_cache(1, max_len))")
+        x = model.tok_embeddings.weight[token.view(1)].view(-1)            # (D,) the residual stream
+        for layer, c, A in zip(model.layers, cache.layers, self.A):
+            if A is None:
+                self._attention(layer, x, c, pos)
+            else:
+                self._mamba(layer, x, c, A)
+            self._mlp(layer, x)
+        logits = torch.empty(model.output.weight.shape[0], device=x.device, dtype=x.dtype)
+        self._linear(model.output.weight, x, logits, "head", norm=1, g=model.norm.weight)
+        cache.pos += 1
+        return logits.view(1, 1, -1)

@@ -1,0 +1,141 @@
+"""fused_decode.Decoder against the model's own decode step (mmmamba.py).
+
+CPU (CI): the kernels in Triton's interpreter, float32, against the same model in float64:
+the logits and every cache entry the step writes (K and V at pos, the conv and SSM states),
+on awkward sizes (widths and vocabularies that are not powers of two, grouped and ungrouped
+heads, conv widths 2 and 3), and greedy decoding against Model.generate. Every weight and
+cache entry is random, never zeros or the ones of a fresh RMSNorm. GPU: bf16 at the paper's
+layer shapes, compiled kernels inside a CUDA graph.
+"""
+import copy
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+import fused_decode as fd
+from mmmamba import Config, InputError, Model
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not (INTERPRET and fd.HAS_TRITON),
+                                       reason="interpreter tests: CPU-only machines with triton")
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and fd.HAS_TRITON),
+                                reason="needs a CUDA GPU and triton")
+
+BASE = Config(vocab_size=300, n_layer=3, d_model=64, n_head=4, n_kv_head=2, head_dim=16, d_mlp=96,
+              max_seq_len=64, layout="AMA")
+CASES = {
+    "attention-mamba-attention": BASE,
+    "conv-3-ungrouped": replace(BASE, layout="MAM", n_kv_head=4, conv_kernel=3),
+    "odd-widths": replace(BASE, n_layer=2, layout="MA", d_model=80, d_mlp=200, vocab_size=257,
+                          n_head=2, n_kv_head=1, head_dim=32),
+}
+
+
+def random_model(cfg, device="cpu", dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Model(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))                  # not the ones of a fresh norm
+            elif "A_log" not in name and "dt_bias" not in name:        # those are random already
+                p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.3)
+    return model.to(dtype).eval()
+
+
+def random_caches(models, max_len, pos):
+    """One cache per model, all holding the same random entries (~N(0, 0.5)), at `pos`."""
+    caches = [m.new_cache(1, max_len) for m in models]
+    for layer in zip(*(c.layers for c in caches)):
+        for key, t in layer[0].items():
+            t.normal_(0, 0.5)
+            for other in layer[1:]:
+                other[key].copy_(t)
+    for c in caches:
+        c.pos = pos
+    return caches
+
+
+def rel(a, ref):
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", list(CASES))
+def test_step_matches_float64(case):
+    model = random_model(CASES[case])
+    ref = copy.deepcopy(model).double()
+    cache, ref_cache = random_caches([model, ref], max_len=16, pos=5)
+    token = torch.tensor([[7]])
+    logits = fd.Decoder(model).step(token, cache)
+    want = ref(token, None, ref_cache)
+    errs = {"logits": rel(logits, want)}
+    for i, (c, rc) in enumerate(zip(cache.layers, ref_cache.layers)):
+        errs.update({f"layer {i} {key}": rel(c[key], rc[key]) for key in c})
+    bad = {k: v for k, v in errs.items() if not v < 1e-5}
+    assert not bad, f"fused step off the float64 model ({case}): {bad}"
+    assert cache.pos == 6
+
+
+@needs_interpreter
+def test_greedy_decoding_matches_generate():
+    model = random_model(replace(BASE, layout="MAM"), seed=1)
+    prompt = torch.randint(6, BASE.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    want = list(model.generate(prompt, max_new_tokens=6, stop_id=-1))
+    cache = model.new_cache(1, 16)
+    logits, got, dec = model(prompt, None, cache)[:, -1:], [], fd.Decoder(model)
+    for _ in range(6):
+        logits[..., :6] = -torch.inf                                    # generate never picks these ids
+        got.append(int(logits.argmax()))
+        logits = dec.step(torch.tensor([[got[-1]]]), cache)
+    assert got == want, f"fused greedy tokens {got} != Model.generate {want}"
+
+
+@needs_interpreter
+def test_clear_errors(monkeypatch):
+    model = random_model(BASE)
+    dec, cache = fd.Decoder(model), model.new_cache(2, 8)
+    with pytest.raises(InputError, match="one token of one sequence"):
+        dec.step(torch.zeros(2, 1, dtype=torch.long), cache)
+    cache = model.new_cache(1, 8)
+    cache.pos = 8
+    with pytest.raises(InputError, match="past the cache"):
+        dec.step(torch.zeros(1, 1, dtype=torch.long), cache)
+    with pytest.raises(InputError, match="power of two"):
+        fd.Decoder(random_model(replace(BASE, head_dim=24)))
+    with pytest.raises(InputError, match="fp16, bf16 or fp32"):
+        fd.Decoder(random_model(BASE, dtype=torch.float64))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(InputError, match="CUDA GPU"):
+        fd.Decoder(model)
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", ["AM", "MA"])
+def test_gpu_bf16_paper_shapes_in_a_graph(layout):
+    # bf16 against float64: at least as close as the PyTorch step in bf16 (the fused kernels
+    # keep fp32 between the matmuls where PyTorch rounds to bf16 after every op)
+    cfg = replace(Config(n_layer=2, d_model=2048, n_head=16, n_kv_head=8, head_dim=128, d_mlp=8192,
+                         vocab_size=32003, max_seq_len=4096, rope_theta=1e6), layout=layout)
+    model = random_model(cfg, "cuda", torch.bfloat16)
+    ref = copy.deepcopy(model).double()                                 # the bf16 weights, in float64
+    model.pack_for_decoding()
+    token = torch.tensor([[11]], device="cuda")
+    dec = fd.Decoder(model)
+    dec.step(token, random_caches([model], 3000, 2500)[0])             # compile outside the capture
+    fused, eager, want = random_caches([model, model, ref], max_len=3000, pos=2500)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = dec.step(token, fused)
+    graph.replay()
+    eager_logits, want_logits = model(token, None, eager), ref(token, None, want)
+    err, eager_err = rel(logits, want_logits), rel(eager_logits, want_logits)
+    assert err <= 1.25 * eager_err + 1e-3, f"fused bf16 logits {err:.3g} off float64, PyTorch bf16 {eager_err:.3g}"
+    errs = {f"layer {i} {key}": rel(c[key], w[key])
+            for i, (c, w) in enumerate(zip(fused.layers, want.layers)) for key in c}
+    bad = {k: v for k, v in errs.items() if not v < 2e-2}
+    assert not bad, f"bf16 fused step wrote caches off the float64 model: {bad}"
+    assert fused.pos == 2501
