@@ -124,6 +124,7 @@ def _swiglu_kernel(w_ptr, u_ptr, g_ptr, out_ptr, F, K, eps, BR: tl.constexpr, BK
 
 @triton.jit
 def _store_halves(ptr, offs, a, b, mask, HALF: tl.constexpr):
+    """Write the pairs (a, b) of RoPE's halves back to a head's dims d and d + HALF."""
     tl.store(ptr + offs, a.to(ptr.dtype.element_ty), mask=mask)
     tl.store(ptr + offs + HALF, b.to(ptr.dtype.element_ty), mask=mask)
 
@@ -134,7 +135,7 @@ def _qkv_kernel(w_ptr, u_ptr, g_ptr, freq_ptr, q_ptr, k_ptr, v_ptr, pos, max_len
                 BK: tl.constexpr, PDL: tl.constexpr):
     """[q; k; v] = W v, v = RMSNorm(u) * g, then RoPE at `pos` on q and k (rotate-half: the
     pair (a, b) = (x_d, x_{d + hd/2}) turns by pos * freq_d), q to q_ptr, k and v into the
-    KV cache (1, Hkv, max_len, hd) at `pos`. One program: BR pairs of rows of one head."""
+    KV cache (1, Hkv, max_len, hd) at `pos`. One program: BR pairs of rows."""
     HALF: tl.constexpr = HD // 2
     i, rows = _pair_rows(BR, HALF)
     n_pairs = (H + 2 * HKV) * HALF
