@@ -270,9 +270,10 @@ class Decoder:
     def step(self, token, cache):
         """token: (1, 1) int64 on the model's device. Returns logits (1, 1, V); advances cache."""
         model, pos = self.model, cache.pos
-        if token.shape != (1, 1):
-            raise InputError(f"the fused decoder takes one token of one sequence, (1, 1), got "
-                             f"{tuple(token.shape)}: decode larger batches with the model itself")
+        if token.shape != (1, 1) or next(iter(cache.layers[0].values())).shape[0] != 1:
+            raise InputError(f"the fused decoder takes one token of one sequence, (1, 1), and a "
+                             f"cache of batch 1, got {tuple(token.shape)}: decode larger batches "
+                             "with the model itself")
         if pos + 1 > cache.max_len:
             raise InputError(f"position {pos} is past the cache's {cache.max_len} tokens: make a "
                              "larger cache (model.new_cache(1, max_len))")

@@ -98,8 +98,9 @@ def test_greedy_decoding_matches_generate():
 def test_clear_errors(monkeypatch):
     model = random_model(BASE)
     dec, cache = fd.Decoder(model), model.new_cache(2, 8)
-    with pytest.raises(InputError, match="one token of one sequence"):
-        dec.step(torch.zeros(2, 1, dtype=torch.long), cache)
+    for tokens in (torch.zeros(2, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long)):
+        with pytest.raises(InputError, match="one token of one sequence"):
+            dec.step(tokens, cache)                                     # a batch of 2
     cache = model.new_cache(1, 8)
     cache.pos = 8
     with pytest.raises(InputError, match="past the cache"):
