@@ -5,7 +5,7 @@ mmmamba.py that it must reproduce (tests/test_fused_decode.py, in Triton's inter
 
 Why a separate path: at batch 1 every weight is read once per token and used once, so a
 step can go no faster than reading the weights (4.4-4.7 GB for the paper preset). The
-PyTorch step, compiled and replayed as a CUDA graph, runs ~19 kernels per layer; the
+PyTorch step, compiled and replayed as a CUDA graph, runs 14-18 kernels per layer; the
 matmuls of one token reach 1.9-2.4 TB/s and every small kernel between them (norms, conv,
 RoPE, cache writes, gates, residual adds) costs 1.5-3 us (docs/bench_log.md). Here each
 matmul carries the elementwise work before and after it:
