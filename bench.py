@@ -173,10 +173,9 @@ def decode_point(model, context, iters, cuda, compiled=None, profile=False, fuse
     ref = step().float()
     plain = model.layers
     try:
-        for name, layers, fn in [("graph", plain, step), ("compiled", compiled, step),
-                                 ("fused", plain if fused else None, fused_step)]:
-            if layers is None:
-                continue
+        ways = [("graph", plain, step)] + ([("compiled", compiled, step)] if compiled is not None else []) \
+            + ([("fused", plain, fused_step)] if fused is not None else [])
+        for name, layers, fn in ways:
             model.layers = layers
             try:
                 graph, out = capture(fn)
@@ -406,9 +405,9 @@ def run_decode(args):
 
 def generation_ms(model, tokens, images, n_new, layers=None, graphs=False, fused=None):
     """Prefill the prompt, then n_new - 1 greedy steps (the prefill gives the first token) with
-    `layers` (default: the model's own) or the `fused` Decoder, each step eager or a CUDA graph captured beforehand,
-    one per position (an attention layer attends up to a fixed position). Tokens stay on the
-    GPU: no host sync per token. Returns (prefill ms, decode ms, capture s)."""
+    `layers` (default: the model's own) or the `fused` Decoder, each step eager or a CUDA graph
+    captured beforehand, one per position (an attention layer attends up to a fixed position).
+    Tokens stay on the GPU: no host sync per token. Returns (prefill ms, decode ms, capture s)."""
     cache = model.new_cache(1, tokens.shape[1] + n_new)
     tok = torch.zeros(1, 1, dtype=torch.long, device=tokens.device)
     first, plain = tokens.shape[1], model.layers
@@ -467,11 +466,10 @@ def run_prompt(args):
         compiled = None if args.no_compile else nn.ModuleList(torch.compile(l) for l in model.layers)
         fused = None if args.no_fused else Decoder(model)
         row = {"model": kind, "prompt_tokens": tokens.shape[1], "new_tokens": args.new_tokens}
-        for way, layers, graphs in [("eager", None, False), ("graph", None, True), ("compiled", compiled, True),
-                                    ("fused", None, True)]:
-            if (way == "compiled" and compiled is None) or (way == "fused" and fused is None):
-                continue
-            dec = fused if way == "fused" else None
+        ways = [("eager", None, False, None), ("graph", None, True, None)] \
+            + ([("compiled", compiled, True, None)] if compiled is not None else []) \
+            + ([("fused", None, True, fused)] if fused is not None else [])
+        for way, layers, graphs, dec in ways:
             generation_ms(model, tokens, images, 4, layers, fused=dec)   # warm-up; compiles
             prefill, decode, cap = generation_ms(model, tokens, images, args.new_tokens, layers, graphs, dec)
             row.update({"prefill_ms": prefill, f"{way}_decode_ms": decode, f"{way}_capture_s": cap,

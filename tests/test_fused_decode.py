@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import fused_decode as fd
+from bench import rel_err as rel
 from mmmamba import Config, InputError, Model
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -57,10 +58,6 @@ def random_caches(models, max_len, pos):
     for c in caches:
         c.pos = pos
     return caches
-
-
-def rel(a, ref):
-    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @needs_interpreter

@@ -10,7 +10,8 @@ import torch
 import bench
 import fused_decode as fd
 from mmmamba import PRESETS
-from test_fused_decode import random_caches, rel
+from test_fused_decode import random_caches
+rel = bench.rel_err
 
 cfg, dev = PRESETS["paper"], torch.device("cuda")
 bw = bench.copy_bandwidth(dev)
