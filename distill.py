@@ -337,7 +337,7 @@ def report(stage, kind, model, train_s, evalset, tok, env, args, extra_rows=()):
     qa, captions, blind = evalset
     rec = {"stage": stage, "model": kind, "layout": model.cfg.kinds, "preset": args.preset,
            "stages": stages_label(stage, args) if kind != "teacher" else None, "init": args.init,
-           **evaluate(model, qa, captions, tok, env), "train_s": None if train_s is None else round(train_s, 1),
+           **evaluate(model, qa, captions, tok, env), "train_s": train_s,
            "blind_qa_accuracy": blind, "eval_samples": len(qa), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     path = os.path.join(args.out_dir, "results.json")
     results = json.load(open(path)) if os.path.exists(path) else []

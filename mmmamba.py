@@ -485,13 +485,31 @@ class Cache:
 
 def save_checkpoint(path, ckpt):
     """Write atomically: a temporary file beside the target, flushed and fsynced, then
-    renamed over it. An interrupted save leaves the previous checkpoint intact."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    renamed over it. An interrupted save leaves the previous checkpoint intact, and its
+    partial temporary file is removed by the next save (or on a failed one: a full disk)."""
+    path = str(path)
+    remove_stale_temporaries(path)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise InputError(f"could not write {path} ({e.strerror or e}): free some disk space or "
+                         "choose another --out-dir; the previous checkpoint is kept") from None
+
+
+def remove_stale_temporaries(path):
+    """Delete what a killed save of `path` left behind (`path.tmp`, or `path.tmp<pid>` from
+    older versions): a dead process cannot clean up after itself."""
+    folder, name = os.path.split(path)
+    for f in os.listdir(folder or "."):
+        if f.startswith(name + ".tmp"):
+            os.remove(os.path.join(folder, f))
 
 
 def load_checkpoint(path, map_location="cpu"):
