@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from mmmamba import ArgumentParser, InputError, load_checkpoint, run_cli
+from util import ArgumentParser, InputError, load_checkpoint, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -39,8 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fused_decode import Decoder
-from mmmamba import (IM_END_ID, IM_START_ID, IMAGE_ID, PRESETS, ArgumentParser, InputError, Model,
-                     expand_image_placeholder, hybrid_layout, load_checkpoint, run_cli)
+from mmmamba import IM_END_ID, IM_START_ID, IMAGE_ID, PRESETS, Model, expand_image_placeholder
+from seed import hybrid_layout
+from util import ArgumentParser, InputError, load_checkpoint, run_cli
 
 K = 1024
 CONTEXTS = [1 * K, 4 * K, 8 * K, 16 * K, 32 * K, 64 * K, 103 * K, 128 * K]

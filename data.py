@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from mmmamba import PAD_ID, SPECIAL_TOKENS, InputError, expand_image_placeholder
+from mmmamba import PAD_ID, SPECIAL_TOKENS, expand_image_placeholder
+from util import InputError
 
 # -----------------------------------------------------------------------------
 # the shapes world: one to three shapes, each of a different kind and colour, in the cells

@@ -38,10 +38,10 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import data
-from mmmamba import (IM_END_ID, IM_START_ID, IMAGE_ID, IMG_START_ID, PAD_ID, PRESETS, ArgumentParser,
-                     InputError, Model, checkpoint_of, get_device, hybrid_layout, load_checkpoint,
-                     model_from_checkpoint, parse_layers, run_cli, save_checkpoint)
-from seed import INITS, seed_student
+from mmmamba import IM_END_ID, IM_START_ID, IMAGE_ID, IMG_START_ID, PAD_ID, PRESETS, Model
+from seed import INITS, hybrid_layout, parse_layers, seed_student
+from util import (ArgumentParser, InputError, checkpoint_of, get_device, load_checkpoint,
+                  model_from_checkpoint, run_cli, save_checkpoint)
 
 # per preset and stage: learning rate and default steps. tiny: tuned on a 2-core CPU; small:
 # on one H100, where a teacher at lr 5e-4 stalled at 78% QA and at 2e-4 reaches 100%

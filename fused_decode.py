@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import scan_kernel as sk
-from mmmamba import Attention, InputError
+from mmmamba import Attention
+from util import InputError
 from scan_kernel import HAS_TRITON, tl, triton
 
 # Launch settings per matrix: rows per program (a paired kernel reads BR / 2 pairs), inputs

@@ -13,24 +13,18 @@ Dimension glossary (paper letters in brackets, PAPER.md sections 1-2):
     P  Mamba-2 head dim of x (= v)   N  Mamba-2 state size (of B = k and C = q)
     K  causal conv kernel size (2)   V  vocabulary       Np image patches per image
 """
-import argparse
 import math
-import os
-import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from scan_kernel import ssd, ssd_step
+from util import InputError
 
 # -----------------------------------------------------------------------------
 # config
-
-
-class InputError(ValueError):
-    """A problem with what the user gave us; command lines print it as one line (run_cli)."""
 
 
 @dataclass
@@ -81,36 +75,6 @@ PRESETS = {
                     max_seq_len=131072 + 1024, rope_theta=1e6, img_size=448, img_patch=28,
                     img_dim=1024, vocab_size=92553),
 }
-
-
-def hybrid_layout(n_layer, attn_every=None, attn_layers=None):
-    """Layer kinds for a student: all Mamba-2, or a hybrid that keeps some attention layers.
-    attn_every=K keeps layers 0, K, 2K, ... (the paper's head-interleaved rule: 8 of 32 with
-    K=4); attn_layers lists the kept indices explicitly. Returns e.g. "AMMMAMMM"."""
-    if attn_every is not None and attn_layers is not None:
-        raise InputError("give either attn_every or attn_layers, not both")
-    keep = set()
-    if attn_every is not None:
-        if attn_every < 1:
-            raise InputError(f"attention every {attn_every} layers is not possible: use 1 or more")
-        keep = set(range(0, n_layer, attn_every))
-    if attn_layers is not None:
-        bad = [i for i in attn_layers if not 0 <= i < n_layer]
-        if bad:
-            raise InputError(f"attention layer indices {bad} are out of range: the model has "
-                             f"layers 0..{n_layer - 1}")
-        keep = set(attn_layers)
-    return "".join("A" if i in keep else "M" for i in range(n_layer))
-
-
-def parse_layers(text):
-    """--attn-layers "0,4" -> [0, 4] (None stays None)."""
-    if text is None:
-        return None
-    try:
-        return [int(i) for i in text.split(",") if i.strip()]
-    except ValueError:
-        raise InputError(f"--attn-layers {text!r}: give comma-separated integers, e.g. 0,2") from None
 
 
 # -----------------------------------------------------------------------------
@@ -477,93 +441,3 @@ class Cache:
     def __init__(self, model, batch, max_len, device, dtype):
         self.pos, self.max_len = 0, max_len
         self.layers = [layer.mixer.new_cache(batch, max_len, device, dtype) for layer in model.layers]
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: plain dicts {"config", "model", "kind", "stage", "step", "tokenizer", ...}
-
-
-def save_checkpoint(path, ckpt):
-    """Write atomically: a temporary file beside the target, flushed and fsynced, then
-    renamed over it. An interrupted save leaves the previous checkpoint intact, and its
-    partial temporary file is removed by the next save (or on a failed one: a full disk)."""
-    path = str(path)
-    remove_stale_temporaries(path)
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise InputError(f"could not write {path} ({e.strerror or e}): free some disk space or "
-                         "choose another --out-dir; the previous checkpoint is kept") from None
-
-
-def remove_stale_temporaries(path):
-    """Delete what a killed save of `path` left behind (`path.tmp`, or `path.tmp<pid>` from
-    older versions): a dead process cannot clean up after itself."""
-    folder, name = os.path.split(path)
-    for f in os.listdir(folder or "."):
-        if f.startswith(name + ".tmp"):
-            os.remove(os.path.join(folder, f))
-
-
-def load_checkpoint(path, map_location="cpu"):
-    if not os.path.isfile(path):
-        raise InputError(f"no checkpoint at {path}: train one with 'python distill.py' or pass --ckpt")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say so instead of unpickling noise
-        raise InputError(f"{path} is not a readable mmmamba checkpoint ({type(e).__name__}): "
-                         "delete it and run the stage that writes it again") from None
-    if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
-        raise InputError(f"{path} is not an mmmamba checkpoint (no config/model): pass one "
-                         "written by distill.py or seed.py")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt):
-    known = {f.name for f in fields(Config)}
-    model = Model(Config(**{k: v for k, v in ckpt["config"].items() if k in known}))
-    model.load_state_dict(ckpt["model"])
-    return model
-
-
-def checkpoint_of(model, **extra):
-    """The plain dict saved for a model (the state of the unwrapped module, as in nanoGPT)."""
-    return {"config": asdict(model.cfg), "model": model.state_dict(), **extra}
-
-
-def get_device(name):
-    """torch.device(name), or an InputError if this machine has no such device."""
-    try:
-        device = torch.device(name)
-        torch.empty(1, device=device)
-        return device
-    except (RuntimeError, AssertionError) as e:
-        raise InputError(f"--device {name}: not available here ({str(e).splitlines()[0][:80]}); "
-                         "use --device cpu or leave --device out") from None
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with bad flags reported in one line (exit code 2), like every other input error."""
-
-    def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def run_cli(main):
-    """Run a command line's main(): an InputError becomes one line on stderr and exit code 2."""
-    try:
-        main()
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)

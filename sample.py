@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer
 
 import data
-from mmmamba import ArgumentParser, InputError, get_device, load_checkpoint, model_from_checkpoint, run_cli
+from util import ArgumentParser, InputError, get_device, load_checkpoint, model_from_checkpoint, run_cli
 
 CKPTS = {"teacher": "stage0_teacher.pt", "linear": "stage3_linear.pt", "hybrid": "stage3_hybrid.pt"}
 

@@ -31,13 +31,44 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from mmmamba import (ArgumentParser, InputError, Model, checkpoint_of, hybrid_layout, load_checkpoint,
-                     model_from_checkpoint, parse_layers, run_cli, save_checkpoint)
+from mmmamba import Model
+from util import (ArgumentParser, InputError, checkpoint_of, load_checkpoint, model_from_checkpoint,
+                  run_cli, save_checkpoint)
 
 COPY = {"q_proj": "c_proj", "k_proj": "b_proj", "v_proj": "x_proj", "o_proj": "o_proj"}
 NEW = ["conv1d.weight", "conv1d.bias", "dt_proj.weight", "dt_bias", "A_log", "g_proj.weight",
        "norm.weight"]
 INITS = ("mimic", "inherit", "scratch")
+
+
+def hybrid_layout(n_layer, attn_every=None, attn_layers=None):
+    """Layer kinds for a student: all Mamba-2, or a hybrid that keeps some attention layers.
+    attn_every=K keeps layers 0, K, 2K, ... (the paper's head-interleaved rule: 8 of 32 with
+    K=4); attn_layers lists the kept indices explicitly. Returns e.g. "AMMMAMMM"."""
+    if attn_every is not None and attn_layers is not None:
+        raise InputError("give either attn_every or attn_layers, not both")
+    keep = set()
+    if attn_every is not None:
+        if attn_every < 1:
+            raise InputError(f"attention every {attn_every} layers is not possible: use 1 or more")
+        keep = set(range(0, n_layer, attn_every))
+    if attn_layers is not None:
+        bad = [i for i in attn_layers if not 0 <= i < n_layer]
+        if bad:
+            raise InputError(f"attention layer indices {bad} are out of range: the model has "
+                             f"layers 0..{n_layer - 1}")
+        keep = set(attn_layers)
+    return "".join("A" if i in keep else "M" for i in range(n_layer))
+
+
+def parse_layers(text):
+    """--attn-layers "0,4" -> [0, 4] (None stays None)."""
+    if text is None:
+        return None
+    try:
+        return [int(i) for i in text.split(",") if i.strip()]
+    except ValueError:
+        raise InputError(f"--attn-layers {text!r}: give comma-separated integers, e.g. 0,2") from None
 
 
 @torch.no_grad()

@@ -81,7 +81,8 @@ def test_curves_reads_the_losses_of_a_run(tmp_path, monkeypatch):
     import sys
 
     import bench
-    from mmmamba import Model, checkpoint_of, save_checkpoint
+    from mmmamba import Model
+    from util import checkpoint_of, save_checkpoint
     model = Model(CFG)
     save_checkpoint(tmp_path / "stage0_teacher.pt", checkpoint_of(model, losses=[3.5, 2.25, 1.0]))
     save_checkpoint(tmp_path / "stage1_linear.pt", checkpoint_of(model, losses=[9.0, 4.0]))

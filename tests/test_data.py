@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 import data
-from mmmamba import IM_END_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, Config, InputError
+from mmmamba import IM_END_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, Config
+from util import InputError
 
 CFG = Config(img_size=16, img_patch=8, max_seq_len=96)
 

@@ -16,7 +16,8 @@ import torch
 
 import fused_decode as fd
 from bench import rel_err as rel
-from mmmamba import Config, InputError, Model
+from mmmamba import Config, Model
+from util import InputError
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not (INTERPRET and fd.HAS_TRITON),

@@ -5,8 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mmmamba import (IMAGE_ID, IMG_END_ID, IMG_START_ID, Config, InputError, Mamba2, Model,
-                     expand_image_placeholder, hybrid_layout)
+from mmmamba import IMAGE_ID, IMG_END_ID, IMG_START_ID, Config, Mamba2, Model, expand_image_placeholder
+from seed import hybrid_layout
+from util import InputError
 
 CFG = Config(vocab_size=97, n_layer=4, d_model=48, n_head=4, n_kv_head=2, head_dim=12, d_mlp=64,
              max_seq_len=64, img_size=8, img_patch=4, img_dim=16, chunk_size=8, scan_backend="torch")

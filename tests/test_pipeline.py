@@ -15,7 +15,9 @@ from tokenizers import Tokenizer
 import data
 import distill
 import mmmamba
-from mmmamba import Config, InputError, hybrid_layout, load_checkpoint, model_from_checkpoint
+from mmmamba import Config
+from seed import hybrid_layout
+from util import InputError, load_checkpoint, model_from_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = Config(vocab_size=400, n_layer=4, d_model=32, n_head=2, n_kv_head=1, head_dim=16, d_mlp=64,

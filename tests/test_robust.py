@@ -14,7 +14,8 @@ from PIL import Image
 
 import distill
 import mmmamba
-from mmmamba import Config, InputError, load_checkpoint
+from mmmamba import Config
+from util import InputError, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = "Config(vocab_size=400, n_layer=2, d_model=32, n_head=2, n_kv_head=1, head_dim=16, d_mlp=64, " \
@@ -24,7 +25,8 @@ FAST = ["--preset", "micro", "--batch-size", "4", "--eval-samples", "8", "--scan
 WRAPPER = f"""import sys
 sys.path.insert(0, {ROOT!r})
 import mmmamba
-from mmmamba import Config, run_cli
+from mmmamba import Config
+from util import run_cli
 mmmamba.PRESETS["micro"] = {MICRO}
 import {{script}}
 run_cli(lambda: {{script}}.main(sys.argv[1:]))

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmmamba import (Config, InputError, Model, checkpoint_of, load_checkpoint,
-                     model_from_checkpoint, save_checkpoint)
+from mmmamba import Config, Model
+from util import InputError, checkpoint_of, load_checkpoint, model_from_checkpoint, save_checkpoint
 from seed import COPY, seed_student
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
