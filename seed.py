@@ -129,6 +129,29 @@ def seed_student(teacher, layout, init="mimic"):
     return student
 
 
+@torch.no_grad()
+def make_hybrid(student, teacher, layout):
+    """A new Model of `layout` for stage 3 (arXiv 2502.13145 Sec. 3.4; docs/method.md §6):
+    its "A" layers are the teacher's attention, its "M" layers the linear student's Mamba-2
+    mixers, and everything outside the mixers (embeddings, norms, MLPs, the head) is the
+    teacher's, which stages 1-2 never change. Strict load: nothing is left out."""
+    if set(student.cfg.kinds) != {"M"}:
+        raise InputError("a hybrid is built from the linear student (all Mamba-2 layers); "
+                         f"this one has layout {student.cfg.kinds!r}")
+    if len(layout) != teacher.cfg.n_layer or set(layout) - {"A", "M"}:
+        raise InputError(f"layout {layout!r} must have {teacher.cfg.n_layer} letters, each A or M")
+    p = next(student.parameters())
+    hybrid = Model(replace(teacher.cfg, layout=layout)).to(device=p.device, dtype=p.dtype)
+    t_sd, s_sd = teacher.state_dict(), student.state_dict()
+    sd = {}
+    for name in hybrid.state_dict():
+        parts = name.split(".")
+        is_mamba = parts[0] == "layers" and parts[2] == "mixer" and layout[int(parts[1])] == "M"
+        sd[name] = (s_sd if is_mamba else t_sd)[name]
+    hybrid.load_state_dict(sd)                                          # strict
+    return hybrid
+
+
 def main():
     ap = ArgumentParser(description="Seed a Mamba-2 (or hybrid) student from a teacher.")
     ap.add_argument("--teacher", required=True, help="teacher checkpoint (distill.py stage 0)")

@@ -102,3 +102,25 @@ def test_seed_command_line(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     r = run_seed("--teacher", "junk.pt", "--out", "bad.pt", cwd=tmp_path)
     assert r.returncode == 2 and "not a readable" in r.stderr
+
+
+def test_make_hybrid_takes_attention_from_the_teacher_and_mamba_from_the_student():
+    from seed import make_hybrid
+    t = teacher()
+    s = seed_student(t, "MMM", "mimic")
+    with torch.no_grad():                                           # as if stages 1-2 had trained it
+        for name, p in s.named_parameters():
+            if ".mixer." in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    h = make_hybrid(s, t, "AMA")
+    assert h.cfg.kinds == "AMA" and h.layers[0].kind == "A"
+    h_sd, t_sd, s_sd = h.state_dict(), t.state_dict(), s.state_dict()
+    assert set(h_sd) == {k for k in t_sd if not k.startswith("layers.1.mixer.")} | \
+        {k for k in s_sd if k.startswith("layers.1.mixer.")}
+    for name, p in h_sd.items():
+        src = s_sd if name.startswith("layers.1.mixer.") else t_sd
+        assert torch.equal(p, src[name]), name
+    tokens = torch.randint(6, CFG.vocab_size, (2, 7))
+    assert not torch.allclose(h(tokens), t(tokens)) and not torch.allclose(h(tokens), s(tokens))
+    with pytest.raises(InputError, match="linear student"):
+        make_hybrid(h, t, "AMA")
