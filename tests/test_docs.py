@@ -38,6 +38,16 @@ MD_LINK = re.compile(r"\]\(([^)\s]+)\)")
 # built from parts so that this file does not cite them itself
 PRIVATE_NOTES = [name + ".md" for name in ("PAPER", "ANCHORS", "HOVLE", "METHOD", "teacher_study")]
 TRACKER = re.compile(r"\bissues?\s*#\s*\d+", re.IGNORECASE)
+# what arXiv 2502.13145 (v2) has: Sec. 3 is the preliminary (Eqs. 1-2), Sec. 4 the method
+# (4.1 seeding, 4.2-4.4 the stages, Eqs. 3-5, 4.5 the architectures), Sec. 5 the experiments
+# (5.1 settings, 5.2 Table 1, 5.3 efficiency: Fig. 1, Table 2, 5.4 ablations: Tables 3-6)
+PAPER = "2502.13145"
+PAPER_HAS = {"Sec": {"1", "2", "3", "4", "4.1", "4.2", "4.3", "4.4", "4.5", "5", "5.1", "5.2",
+                     "5.3", "5.4", "6"},
+             "Eq": {str(i) for i in range(1, 6)}, "Table": {str(i) for i in range(1, 7)},
+             "Fig": {"1", "2", "3"}}
+PAPER_REF = re.compile(r"\b(Sec|Eq|Table|Fig)[a-z]*\.?\s*(\d+(?:\.\d+)?)"
+                       r"(?:\s*[-–]\s*(\d+(?:\.\d+)?))?")
 
 
 # -----------------------------------------------------------------------------
@@ -119,6 +129,20 @@ def method_sections_cited(text):
     return found
 
 
+def paper_refs_cited(text):
+    """("Sec", "3.2")-style pairs cited right after "2502.13145", up to the next ; or )."""
+    found = []
+    for m in re.finditer(re.escape(PAPER), text):
+        tail = re.split(r"[;)\n]", text[m.end():m.end() + 80])[0]
+        for kind, lo, hi in PAPER_REF.findall(tail):
+            found.append((kind, lo))
+            if hi and "." not in lo:
+                found += [(kind, str(k)) for k in range(int(lo) + 1, int(hi) + 1)]
+            elif hi:
+                found.append((kind, hi))
+    return found
+
+
 def method_sections():
     return [int(n) for n in re.findall(r"^## §(\d+)\b", read(METHOD), re.MULTILINE)]
 
@@ -155,6 +179,8 @@ def test_citation_finder():
     assert method_sections_cited("(arXiv 2502.13145 Sec. 4.1; docs/method.md §4)") == [4]
     assert method_sections_cited("docs/method.md §§5-7, and docs/method.md") == [5, 6, 7]
     assert method_sections_cited("docs/method.md §1, §9 and 3 more") == [1, 9]
+    assert paper_refs_cited("(arXiv 2502.13145 Sec. 4.2-4.4, Eq. 3, Tables 3-5; x Sec. 9)") == [
+        ("Sec", "4.2"), ("Sec", "4.4"), ("Eq", "3"), ("Table", "3"), ("Table", "4"), ("Table", "5")]
 
 
 def test_code_line_counter():
@@ -211,6 +237,16 @@ def test_method_sections_cited_exist():
         wrong += [f"{METHOD}:{n}: §{k}" for lo, hi in SECTION.findall(line)
                   for k in range(int(lo), int(hi or lo) + 1) if k not in sections]
     assert not wrong, f"sections {METHOD} does not have:\n" + "\n".join(wrong)
+
+
+def test_paper_citations_exist():
+    wrong = []
+    for path in repo_files(".py", ".md"):
+        for n, line in enumerate(read(path).splitlines(), 1):
+            wrong += [f"{path}:{n}: {kind}. {num}" for kind, num in paper_refs_cited(line)
+                      if num not in PAPER_HAS[kind]]
+    assert not wrong, f"arXiv {PAPER} (v2) has no such section, equation, table or figure:\n" + (
+        "\n".join(wrong))
 
 
 def test_no_private_notes_or_tracker_numbers():
