@@ -265,6 +265,19 @@ def test_python_lines_fit():
     assert not long, f"lines over {MAX_COLUMNS} characters:\n" + "\n".join(long)
 
 
+def test_markdown_prose_fits():
+    # table rows (some are written by programs) and code blocks may be wider
+    long = []
+    for path in repo_files(".md"):
+        in_code = False
+        for n, line in enumerate(read(path).splitlines(), 1):
+            if line.lstrip().startswith("```"):
+                in_code = not in_code
+            elif not in_code and not line.startswith("|") and len(line) > MAX_COLUMNS:
+                long.append(f"{path}:{n}: {len(line)} characters")
+    assert not long, f"lines over {MAX_COLUMNS} characters:\n" + "\n".join(long)
+
+
 def test_readme_file_table_is_complete():
     table = {name for name, _, _ in readme_file_table()}
     scripts = {p for p in repo_files(".py") if "/" not in p}
