@@ -1,8 +1,10 @@
-"""The PyTorch scan: quadratic reference == chunked == recurrent steps, in float64."""
+"""The PyTorch scan: quadratic reference == chunked == recurrent steps, in float64; and why
+the segment sums are computed the stable way."""
 import pytest
 import torch
 
-from scan_kernel import ssd, ssd_chunked, ssd_quadratic, ssd_recurrent, ssd_step
+from scan_kernel import (segsum, segsum_naive, ssd, ssd_chunked, ssd_quadratic, ssd_recurrent,
+                         ssd_step)
 
 Q = 8  # a small chunk so that several chunks and remainders stay cheap
 
@@ -67,3 +69,24 @@ def test_bad_shapes_are_a_clear_error():
     kw["B"] = kw["B"][:, :3]
     with pytest.raises(ValueError, match="shapes do not match"):
         ssd(**kw)
+
+
+def test_segsums_agree_in_float64():
+    x = -torch.rand(3, 2, 37, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    naive, stable = segsum_naive(x), segsum(x)
+    assert torch.isinf(stable).sum() == 3 * 2 * 37 * 36 // 2      # -inf exactly above the diagonal
+    torch.testing.assert_close(naive, stable, rtol=1e-12, atol=1e-12)
+
+
+def test_naive_segsum_cancels_in_float32():
+    """2048 tokens at dt*A in [-0.1, -0.05]: the running sum reaches about -150, where one fp32
+    step is 1.5e-5; differences of it lose that much of every decay. The stable segsum keeps
+    fp32 accuracy (checked on every decay that is not ~0)."""
+    g = torch.Generator().manual_seed(0)
+    x = -(0.05 + 0.05 * torch.rand(2048, generator=g, dtype=torch.float64))
+    ref = torch.exp(segsum(x))
+    keep = ref > 1e-3
+    err = {f.__name__: ((torch.exp(f(x.float())).double() - ref).abs() / ref)[keep].max().item()
+           for f in (segsum, segsum_naive)}
+    assert err["segsum"] < 1e-6, f"the stable segsum lost fp32 accuracy: {err}"
+    assert err["segsum_naive"] > 10 * err["segsum"], f"no cancellation to show: {err}"

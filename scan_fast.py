@@ -1,0 +1,854 @@
+"""
+The fast Triton kernels of the SSD scan, forward and backward, behind scan_kernel.ssd(...,
+backend="triton") (and backend="auto" on CUDA). scan_kernel.py is the lesson: the references,
+the chunked algorithm in PyTorch and a simple Triton kernel of it; this file computes the same
+function faster, and is checked against those references by tests/test_scan_triton.py.
+
+    python scan_fast.py                  # validate on the GPU, then benchmark (markdown tables)
+    python scan_fast.py --peers .peers   # ... beside mamba_ssm and fla, where importable
+    python scan_fast.py --probe          # registers, spills and shared memory of each kernel
+
+docs/kernel_log.md is the version history: every version tried, its idea, the predicted and
+the measured time, and whether it was kept. Shapes and names follow scan_kernel.py's glossary
+(arXiv 2405.21060 Sec. 6; docs/method.md §3).
+"""
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+
+import scan_kernel
+from scan_kernel import HAS_TRITON, _pow2, check_triton_inputs, ssd, ssd_chunked, tl, triton
+from util import ArgumentParser, InputError, run_cli
+
+# -----------------------------------------------------------------------------
+# the kernels
+#
+#
+# The forward splits the sequence into segments of G chunks (G * Q tokens):
+#   _state_kernel  one program per (segment, batch*head, p-tile): the state the segment alone
+#                  leaves at its end, built chunk by chunk (docs/method.md §3, step 2). Run for
+#                  every segment but the last: nothing reads what the last one leaves (the scan
+#                  kernel writes the final state itself).
+#   _pass_kernel   one program per (batch*head, block of P*N state entries): walks the segments
+#                  in order and turns "what each segment adds" into "the state entering each
+#                  segment" (step 3). Elementwise, sequential over segments only.
+#   _scan_kernel   one program per (segment, batch*head, p-tile): starts from the state entering
+#                  its segment and runs G chunks in order, each chunk doing the intra-chunk
+#                  quadratic form (step 1) and the state-to-output term (step 4) in registers,
+#                  then carrying the state to the next chunk (step 2 again, in registers).
+# Why segments: every state written to memory costs P*N*4 bytes = 512 bytes per token at
+# Q = P = N = 128, twice the bytes of x. One state per segment of G chunks makes that traffic
+# G times smaller; G = all chunks needs no state kernels at all but leaves only b*h*P/BP
+# programs to fill the GPU. _pick_segment chooses G to keep enough programs in flight.
+# The forward runs chunks of at most 64 whatever chunk_size says (the chunk is a schedule, not
+# part of the function: any chunk gives the same y and final state), the backward at most 128
+# and p-tiles of 64 (docs/kernel_log.md, v4): the scan is bound by the latency of one long chain
+# per program (loads, four small products, exps, state update), not by bytes or tensor-core
+# rate, and with (64, 64) tiles one warpgroup fits in 255 registers: two programs share an SM
+# and hide each other's waits. Tiles move through TMA tensor descriptors over (b, l, h*P) views
+# (one bulk copy per tile; rows past the end read as zeros, are not written back): ~10% faster.
+#
+# The backward (chunk-parallel, one program per (chunk, batch*head)) needs the state entering
+# every chunk and the gradient of the state leaving it: _state_kernel + _pass_kernel with G = 1
+# give both (the second run goes backwards in time with dy and C in place of x and B).
+# _scan_bwd_kernel then forms every gradient of one chunk from those two (P, N) matrices.
+
+
+@triton.jit
+def _chunk_decay(dt_ptr, dt_bias_ptr, A_ptr, row0, hi, t, L, H, HAS_BIAS: tl.constexpr):
+    """For the tokens t (a chunk, Q positions) of one (batch, head): the raw dt (+ dt_bias), the
+    discretised dt = softplus(raw) and cs = the cumulative sum of dt*A inside the chunk, in fp32.
+    Tokens past the end get dt = 0: no input and decay exp(0) = 1."""
+    ok = t < L
+    raw = tl.load(dt_ptr + (row0 + t) * H + hi, mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += tl.load(dt_bias_ptr + hi).to(tl.float32)
+    soft = tl.maximum(raw, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(raw)))    # softplus, no overflow
+    dt = tl.where(ok, tl.where(raw > 20.0, raw, soft), 0.0)             # torch's threshold 20
+    cs = tl.cumsum(dt * tl.load(A_ptr + hi).to(tl.float32), axis=0)    # <= 0, non-increasing
+    return raw, dt, cs
+
+
+@triton.jit
+def _last(v, Q: tl.constexpr):
+    """v[Q-1] of a (Q,) vector (the chunk's total log-decay when v = cs)."""
+    return tl.sum(tl.where(tl.arange(0, Q) == Q - 1, v, 0.0), axis=0)
+
+
+@triton.jit
+def _state_kernel(u_ptr, v_ptr, dt_ptr, dt_bias_ptr, A_ptr, s_ptr, seg_ptr,
+                  L, H, P, N, nseg, G,
+                  Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                  REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr):
+    """What one segment of G chunks contributes to the state, for a (BP, N) tile of it.
+    Forward (u = x, v = B):  S = sum_t exp(cs_end - cs_t) dt_t x_t B_t^T, chunks in order.
+    Reverse (u = dy, v = C): dS = sum_t exp(cs_t) dy_t C_t^T, chunks from the last: the
+    gradient, w.r.t. the state entering the segment, of the outputs inside it.
+    Both are one (BP, Q) @ (Q, N) tensor-core product per chunk. Also writes the segment's
+    total log-decay (sum of dt*A) for _pass_kernel. TMA: u_ptr, v_ptr are tensor descriptors
+    over (b, l, h*P) and (b, l, h*N) (see _tma_views), else plain pointers."""
+    g, bh, pt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bi, hi = bh // H, bh % H
+    q = tl.arange(0, Q)
+    p = pt * BP + tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    acc = tl.zeros((BN, BP), dtype=tl.float32)                         # S^T: see _scan_kernel
+    logdecay = 0.0
+    for i in range(G):
+        if REVERSE:
+            k = g * G + G - 1 - i
+        else:
+            k = g * G + i
+        t = k * Q + q
+        _, dt, cs = _chunk_decay(dt_ptr, dt_bias_ptr, A_ptr, bi * L, hi, t, L, H, HAS_BIAS)
+        total = _last(cs, Q)
+        if TMA:
+            u = u_ptr.load([bi, k * Q, hi * P + pt * BP]).reshape(Q, BP)
+            v = v_ptr.load([bi, k * Q, hi * N]).reshape(Q, BN)
+        else:
+            rows = (bi * L + t).to(tl.int64) * H + hi                   # (Q,) token-head rows
+            u = tl.load(u_ptr + rows[:, None] * P + p[None, :],
+                        mask=(t < L)[:, None] & (p < P)[None, :], other=0.0)   # (Q, BP)
+            v = tl.load(v_ptr + rows[:, None] * N + n[None, :],
+                        mask=(t < L)[:, None] & (n < N)[None, :], other=0.0)   # (Q, BN)
+        if REVERSE:
+            w = tl.exp(tl.minimum(cs, 0.0))                             # decay start -> t
+        else:
+            w = dt * tl.exp(tl.minimum(total - cs, 0.0))                # dt * decay t -> end
+        uw = (u.to(tl.float32) * w[:, None]).to(v.dtype)
+        acc = acc * tl.exp(total) + tl.dot(tl.trans(v), uw)             # (BN, BP)
+        logdecay += total
+    bhs = (bi * nseg + g) * H + hi
+    tl.store(s_ptr + (bhs * P + p)[None, :].to(tl.int64) * N + n[:, None], acc,
+             mask=(p < P)[None, :] & (n < N)[:, None])
+    if pt == 0:
+        tl.store(seg_ptr + bh * nseg + g, logdecay)
+
+
+@triton.jit
+def _pass_kernel(s_ptr, seg_ptr, init_ptr, final_ptr, H, PN, nseg, nsteps,
+                 BLOCK: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr,
+                 STORE_FINAL: tl.constexpr):
+    """State passing over segments, in place: s_ptr holds (b, nseg, h, P*N) per-segment
+    contributions on entry and the state entering each segment on exit (for REVERSE: the state
+    gradient at each segment's end). Sequential over segments, elementwise, so a program owns a
+    flat BLOCK of the P*N entries: many programs, each a short chain of load-fma-store.
+    The first nsteps segments have a contribution: all nseg in the backward (STORE_FINAL), all
+    but the last in the forward (the scan kernel writes the final state itself)."""
+    bh, blk = tl.program_id(0), tl.program_id(1)
+    bi, hi = bh // H, bh % H
+    e = blk * BLOCK + tl.arange(0, BLOCK)
+    ok = e < PN
+    if HAS_INIT:
+        s = tl.load(init_ptr + bh.to(tl.int64) * PN + e, mask=ok, other=0.0).to(tl.float32)
+    else:
+        s = tl.zeros((BLOCK,), dtype=tl.float32)
+    step = -1 if REVERSE else 1
+    g = nseg - 1 if REVERSE else 0
+    base = (bi * nseg * H + hi).to(tl.int64) * PN + e                  # segment 0 of this (b, h)
+    contrib = tl.load(s_ptr + base + g * H * PN, mask=ok, other=0.0)
+    for i in range(nsteps):
+        # load the next segment's contribution before this one's store: one load in flight
+        # while the chain load -> fma -> store runs (the chain itself cannot be parallel)
+        nxt = tl.load(s_ptr + base + (g + step) * H * PN, mask=ok & (e * 0 + i + 1 < nsteps),
+                      other=0.0)
+        decay = tl.exp(tl.load(seg_ptr + bh * nseg + g))
+        tl.store(s_ptr + base + g * H * PN, s, mask=ok)
+        s = decay * s + contrib
+        contrib = nxt
+        g += step
+    if STORE_FINAL:
+        tl.store(final_ptr + bh.to(tl.int64) * PN + e, s, mask=ok)
+    else:                                                               # entering the last segment
+        tl.store(s_ptr + base + g * H * PN, s, mask=ok)
+
+
+@triton.jit
+def _scan_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, y_ptr, s_ptr, final_ptr,
+                 L, H, P, N, nseg, G,
+                 Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, TMA: tl.constexpr):
+    """The forward outputs of one segment for a (Q, BP) slice of y per chunk, starting from the
+    state entering the segment (s_ptr, (b, nseg, h, P, N)) and carrying the (BP, N) state in
+    registers through G chunks. Per chunk, four tensor-core products:
+        C B^T (Q, Q) -> masked with the decay -> @ x (Q, BP)       intra-chunk (step 1)
+        C @ S^T (Q, BP), rows scaled by the decay from the start    state -> output (step 4)
+        B^T @ (x dt decay-to-end) (N, BP)                          chunk state (step 2)
+    Tiles (FWD_CONFIG, measured on the H100 in docs/kernel_log.md): Q = BP = 64 and 4 warps, so
+    one warpgroup holds the (N, BP) fp32 state (64 registers a thread), y and the (Q, Q) scores
+    (32 each) and two programs fit an SM. C B^T is recomputed for each of the P / BP p-tiles:
+    (Q, Q, N) is the smallest of the four products, cheaper than a second pass over C and B.
+    TMA: x_ptr, B_ptr, C_ptr, y_ptr are tensor descriptors (see _tma_views)."""
+    g, bh, pt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bi, hi = bh // H, bh % H
+    q = tl.arange(0, Q)
+    p = pt * BP + tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    np_mask = (n < N)[:, None] & (p < P)[None, :]
+    if HAS_STATE:                                                       # S^T, (BN, BP): both
+        bhs = (bi * nseg + g) * H + hi                                  # products with it need no
+        ST = tl.load(s_ptr + (bhs * P + p)[None, :].to(tl.int64) * N + n[:, None],  # transpose
+                     mask=np_mask, other=0.0)                           # of a register tile
+    else:
+        ST = tl.zeros((BN, BP), dtype=tl.float32)
+    causal = q[:, None] >= q[None, :]
+    for i in range(G):
+        t0 = (g * G + i) * Q
+        t = t0 + q
+        tm = t < L
+        _, dt, cs = _chunk_decay(dt_ptr, dt_bias_ptr, A_ptr, bi * L, hi, t, L, H, HAS_BIAS)
+        total = _last(cs, Q)
+        if TMA:                                                         # rows past L read as 0
+            x = x_ptr.load([bi, t0, hi * P + pt * BP]).reshape(Q, BP)
+            Bm = B_ptr.load([bi, t0, hi * N]).reshape(Q, BN)
+            Cm = C_ptr.load([bi, t0, hi * N]).reshape(Q, BN)
+        else:
+            rows = (bi * L + t).to(tl.int64) * H + hi
+            qp_mask = tm[:, None] & (p < P)[None, :]
+            qn_mask = tm[:, None] & (n < N)[None, :]
+            x = tl.load(x_ptr + rows[:, None] * P + p[None, :], mask=qp_mask, other=0.0)
+            Bm = tl.load(B_ptr + rows[:, None] * N + n[None, :], mask=qn_mask, other=0.0)
+            Cm = tl.load(C_ptr + rows[:, None] * N + n[None, :], mask=qn_mask, other=0.0)
+        cb = tl.dot(Cm, tl.trans(Bm))                                   # (Q, Q): C_t . B_s
+        decay = tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0))     # exp(cs_t - cs_s) <= 1
+        scores = tl.where(causal, cb * decay * dt[None, :], 0.0)
+        # state -> output: scale the (Q, BP) product's rows by the decay from the chunk start
+        # rather than C's (Q, N) rows: fewer multiplies, and C goes to the tensor cores as loaded
+        y = tl.dot(Cm, ST.to(Cm.dtype)) * tl.exp(tl.minimum(cs, 0.0))[:, None]
+        y = tl.dot(scores.to(x.dtype), x, y)                            # + intra-chunk
+        if TMA:                                                         # rows past L dropped
+            y_ptr.store([bi, t0, hi * P + pt * BP], y.to(y_ptr.dtype).reshape(1, Q, BP))
+        else:
+            tl.store(y_ptr + rows[:, None] * P + p[None, :], y.to(y_ptr.dtype.element_ty),
+                     mask=tm[:, None] & (p < P)[None, :])
+        xw = (x.to(tl.float32) * (dt * tl.exp(tl.minimum(total - cs, 0.0)))[:, None]).to(Bm.dtype)
+        ST = ST * tl.exp(total) + tl.dot(tl.trans(Bm), xw)              # (BN, BP) at chunk end
+    if g == nseg - 1:
+        tl.store(final_ptr + (bh * P + p)[None, :].to(tl.int64) * N + n[:, None], ST, mask=np_mask)
+
+
+@triton.jit
+def _scan_bwd_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
+                     dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr,
+                     L, H, P, N, nchunks,
+                     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """All gradients of one chunk of one (batch, head), given S = the state entering the chunk
+    and dS = the gradient of the state leaving it (both (P, N), fp32, from _pass_kernel).
+    With xdt = dt x, M = (C B^T) * decay (causal), W = (dy xdt^T) * decay:
+        dxdt = M^T dy + e_out * B dS^T          dC = W B + e_in * dy S
+        dB   = W^T C + e_out * xdt dS           (e_in = exp(cs_t), e_out = exp(cs_end - cs_t))
+    The log-decays cs get d(cs_t) = <dy_t, y_t> - <xdt_t, dxdt_t> (+ <dS, S_end> at the chunk's
+    last token); dA_t is the reverse cumsum of that inside the chunk. It is summed here from
+    terms that do not cancel: the pairs (t, s) inside the chunk (row minus column sums of
+    W * C B^T), the state->output term, and the state terms as an exclusive cumsum.
+    One program holds the whole (Q, P) and (Q, N) tiles: dB and dC sum over all of P."""
+    k, bh = tl.program_id(0), tl.program_id(1)
+    bi, hi = bh // H, bh % H
+    q = tl.arange(0, Q)
+    p = tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    t = k * Q + q
+    tm = t < L
+    rows = (bi * L + t).to(tl.int64) * H + hi
+    qp_mask = tm[:, None] & (p < P)[None, :]
+    qn_mask = tm[:, None] & (n < N)[None, :]
+    raw, dt, cs = _chunk_decay(dt_ptr, dt_bias_ptr, A_ptr, bi * L, hi, t, L, H, HAS_BIAS)
+    total = _last(cs, Q)
+    x = tl.load(x_ptr + rows[:, None] * P + p[None, :], mask=qp_mask, other=0.0)
+    dy = tl.load(dy_ptr + rows[:, None] * P + p[None, :], mask=qp_mask, other=0.0).to(x.dtype)
+    Bm = tl.load(B_ptr + rows[:, None] * N + n[None, :], mask=qn_mask, other=0.0)
+    Cm = tl.load(C_ptr + rows[:, None] * N + n[None, :], mask=qn_mask, other=0.0)
+    st = ((bi * nchunks + k) * H + hi).to(tl.int64) * P
+    pn = (st + p)[:, None] * N + n[None, :]
+    pn_mask = (p < P)[:, None] & (n < N)[None, :]
+    S = tl.load(s_ptr + pn, mask=pn_mask, other=0.0)                    # (P, N) entering
+    dS = tl.load(ds_ptr + pn, mask=pn_mask, other=0.0)                  # (P, N) grad leaving
+    e_in = tl.exp(tl.minimum(cs, 0.0))
+    e_out = tl.exp(tl.minimum(total - cs, 0.0))
+    decay = tl.where(q[:, None] >= q[None, :],
+                     tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
+    xdt = x.to(tl.float32) * dt[:, None]
+    xdt_lo = xdt.to(x.dtype)
+
+    cb = tl.dot(Cm, tl.trans(Bm))                                       # (Q, Q): C_t . B_s
+    W = tl.dot(dy, tl.trans(xdt_lo)) * decay                            # (Q, Q): dy_t . xdt_s
+    WC = tl.where(q[:, None] > q[None, :], W * cb, 0.0)                 # s < t: the diagonal
+    dA_pairs = tl.sum(WC, axis=1) - tl.sum(WC, axis=0)                  # cancels, leave it out
+
+    dC_state = tl.dot(dy, S.to(x.dtype)) * e_in[:, None]                # (Q, N)
+    dC = tl.dot(W.to(Cm.dtype), Bm, dC_state)
+    tl.store(dC_ptr + rows[:, None] * N + n[None, :], dC.to(dC_ptr.dtype.element_ty), mask=qn_mask)
+    dB = tl.dot(xdt_lo, dS.to(x.dtype)) * e_out[:, None]
+    dB = tl.dot(tl.trans(W).to(Cm.dtype), Cm, dB)
+    tl.store(dB_ptr + rows[:, None] * N + n[None, :], dB.to(dB_ptr.dtype.element_ty), mask=qn_mask)
+    dxdt_state = tl.dot(Bm, tl.trans(dS).to(Bm.dtype)) * e_out[:, None] # (Q, P)
+    dxdt = tl.dot(tl.trans(cb * decay).to(x.dtype), dy, dxdt_state)
+    tl.store(dx_ptr + rows[:, None] * P + p[None, :],
+             (dxdt * dt[:, None]).to(dx_ptr.dtype.element_ty),
+             mask=qp_mask)
+
+    z = dA_pairs + tl.sum(Cm.to(tl.float32) * dC_state, axis=1)        # pairs + <dy_t, y_state_t>
+    u = tl.sum(xdt * dxdt_state, axis=1)                                # <xdt_t, dxdt_state_t>
+    ddA = tl.cumsum(z, axis=0, reverse=True) + (tl.cumsum(u, axis=0) - u) \
+        + tl.exp(total) * tl.sum(tl.sum(dS * S, axis=1), axis=0)
+    A = tl.load(A_ptr + hi).to(tl.float32)
+    ddt = tl.sum(x.to(tl.float32) * dxdt, axis=1) + A * ddA
+    draw = ddt / (1.0 + tl.exp(-raw))                                   # softplus' = sigmoid
+    tl.store(ddt_ptr + rows, draw, mask=tm)
+    tl.store(dA_ptr + bh * nchunks + k, tl.sum(tl.where(tm, dt * ddA, 0.0), axis=0))
+
+
+
+
+# -----------------------------------------------------------------------------
+# launching the kernels, and the autograd Function around them
+
+# Launch settings, fixed from the sweeps in docs/kernel_log.md instead of an autotuner. BP is
+# capped at next_pow2(P), so the CPU interpreter tests (P = 16) run 16-wide tiles.
+# Forward: chunks of 64 tokens (or chunk_size if smaller), p-tiles of 64, two programs per SM.
+FWD_CONFIG = dict(Q=64, BP=64, num_warps=4, num_stages=2, programs_per_sm=2)
+STATES_CONFIG = dict(BP=128, num_warps=8, num_stages=2)   # _chunk_states (backward, G = 1)
+BWD_CONFIG = dict(num_warps=8, num_stages=1)             # _scan_bwd_kernel (whole P, N)
+PASS_BLOCK = 512                                          # state entries per _pass_kernel program
+SEGMENT_CHUNKS = None                                     # G; None: _pick_segment decides
+# Backward chunk by input element size: the backward kernel holds whole (Q, P), (Q, N), (P, N)
+# tiles; at P = N = 128 chunks of 256 need 256 KiB of shared memory in bf16 (an H100 or H200
+# has 227), chunks of 128 fit. fp32 would need twice that (and on CUDA takes _ssd_bwd_torch).
+BWD_CHUNK = {2: 128, 4: 64}
+
+
+def _pick_segment(b, h, nchunks, p_tiles, device):
+    """G, the chunks per forward segment: as long as possible (fewer states through memory)
+    while the scan still has about FWD_CONFIG["programs_per_sm"] programs per streaming
+    multiprocessor (two fit: 4 warps, 255 registers each). Measured on the H100
+    (docs/kernel_log.md): nseg = round(2 SMs / (b*h*p_tiles)), G = 32, 64, 128 chunks of 64
+    at 8x2048, 4x8192, 1x65536."""
+    if SEGMENT_CHUNKS is not None:
+        return min(SEGMENT_CHUNKS, nchunks)
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else 4)
+    nseg = max(1, round(FWD_CONFIG["programs_per_sm"] * sms / (b * h * p_tiles)))
+    return triton.cdiv(nchunks, nseg)
+
+
+def _tma_views(tensors, blocks):
+    """TMA tensor descriptors for (b, l, h, d) tensors viewed as (b, l, h*d), with (1, Q, block)
+    tiles; None where TMA does not apply: a block that would straddle two heads (d not a
+    multiple of it), strides or a base off 16 bytes, or no TensorDescriptor in this triton."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    views = []
+    for t, (Q, blk) in zip(tensors, blocks):
+        b, l, h, d = t.shape
+        if d % blk or (h * d * t.element_size()) % 16 or t.data_ptr() % 16:
+            return None
+        views.append(TensorDescriptor(t, [b, l, h * d], [l * h * d, h * d, 1], [1, Q, blk]))
+    return views
+
+
+def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, chunk_size):
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    Q = min(chunk_size, FWD_CONFIG["Q"])                                # the forward's own chunk
+    BP, BN = min(FWD_CONFIG["BP"], _pow2(p)), _pow2(n)
+    warps, stages = FWD_CONFIG["num_warps"], FWD_CONFIG["num_stages"]
+    nchunks, p_tiles = triton.cdiv(l, Q), triton.cdiv(p, BP)
+    G = _pick_segment(b, h, nchunks, p_tiles, x.device)
+    nseg = triton.cdiv(nchunks, G)
+    # the state kernel takes two chunks per step where a segment has an even number of them
+    # (half the serial steps, (N, 2Q) @ (2Q, BP) products); fp32 tiles of 128 tokens would not
+    # fit its shared memory
+    QS = 2 * Q if G % 2 == 0 and x.element_size() <= 2 else Q
+    y = torch.empty_like(x)
+    final = torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
+    bias = dt_bias if dt_bias is not None else A                        # any pointer; unused
+    has_state = initial_state is not None or nseg > 1
+    states = initial_state if initial_state is not None else final      # any pointer when unused
+    if nseg > 1:                                                        # steps 2 and 3 per segment
+        states = torch.empty(b, nseg, h, p, n, device=x.device, dtype=torch.float32)
+        segdecay = torch.empty(b, h, nseg, device=x.device, dtype=torch.float32)
+        views = _tma_views((x, B), ((QS, BP), (QS, BN)))
+        _state_kernel[(nseg - 1, b * h, p_tiles)](                      # not the last segment
+            *(views or (x, B)), dt, bias, A, states, segdecay, l, h, p, n, nseg, G * Q // QS,
+            Q=QS, BP=BP, BN=BN, REVERSE=False, HAS_BIAS=dt_bias is not None, TMA=views is not None,
+            num_warps=warps, num_stages=stages)
+        _pass_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
+            states, segdecay, initial_state if initial_state is not None else final, final,
+            h, p * n, nseg, nseg - 1, BLOCK=PASS_BLOCK, REVERSE=False,
+            HAS_INIT=initial_state is not None, STORE_FINAL=False)
+    views = _tma_views((x, B, C, y), ((Q, BP), (Q, BN), (Q, BN), (Q, BP)))
+    xv, Bv, Cv, yv = views or (x, B, C, y)
+    _scan_kernel[(nseg, b * h, p_tiles)](
+        xv, dt, bias, A, Bv, Cv, yv, states, final, l, h, p, n, nseg, G, Q=Q, BP=BP, BN=BN,
+        HAS_BIAS=dt_bias is not None, HAS_STATE=has_state, TMA=views is not None,
+        num_warps=warps, num_stages=stages)
+    return y, final
+
+
+def _chunk_states(u, v, dt, A, dt_bias, init, Q, reverse):
+    """Per-chunk states (G = 1): the state entering each chunk (forward, u = x, v = B) or the
+    state gradient leaving each chunk (reverse, u = dy, v = C, init = dfinal). Also returns
+    what the pass leaves at its far end: the final state, or the initial state's gradient."""
+    b, l, h, p = u.shape
+    n = v.shape[-1]
+    BP, BN = min(STATES_CONFIG["BP"], _pow2(p)), _pow2(n)
+    c = triton.cdiv(l, Q)
+    states = torch.empty(b, c, h, p, n, device=u.device, dtype=torch.float32)
+    segdecay = torch.empty(b, h, c, device=u.device, dtype=torch.float32)
+    end = torch.empty(b, h, p, n, device=u.device, dtype=torch.float32)
+    bias = dt_bias if dt_bias is not None else A
+    _state_kernel[(c, b * h, triton.cdiv(p, BP))](
+        u, v, dt, bias, A, states, segdecay, l, h, p, n, c, 1, Q=Q, BP=BP, BN=BN,
+        REVERSE=reverse, HAS_BIAS=dt_bias is not None, TMA=False,
+        num_warps=STATES_CONFIG["num_warps"], num_stages=STATES_CONFIG["num_stages"])
+    _pass_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
+        states, segdecay, init if init is not None else end, end, h, p * n, c, c,
+        BLOCK=PASS_BLOCK, REVERSE=reverse, HAS_INIT=init is not None, STORE_FINAL=True)
+    return states, end
+
+
+def _ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, dt_bias, initial_state, Q):
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    c = triton.cdiv(l, Q)
+    S, _ = _chunk_states(x, B, dt, A, dt_bias, initial_state, Q, reverse=False)
+    dS, dinit = _chunk_states(dy, C, dt, A, dt_bias, dfinal, Q, reverse=True)
+    dx, dB, dC = torch.empty_like(x), torch.empty_like(B), torch.empty_like(C)
+    ddt = torch.empty(b, l, h, device=x.device, dtype=torch.float32)
+    dA = torch.empty(b, h, c, device=x.device, dtype=torch.float32)
+    _scan_bwd_kernel[(c, b * h)](
+        x, dt, dt_bias if dt_bias is not None else A, A, B, C, dy, S, dS, dx, ddt, dB, dC, dA,
+        l, h, p, n, c, Q=Q, BP=_pow2(p), BN=_pow2(n), HAS_BIAS=dt_bias is not None,
+        **BWD_CONFIG)
+    return dx, ddt, dA.sum((0, 2)), dB, dC, ddt.sum((0, 1)), dinit
+
+
+def _ssd_bwd_torch(ctx, dy, dfinal):
+    """fp32 inputs on the GPU: _scan_bwd_kernel holds whole (P, N) fp32 matrices as tensor-core
+    operands, 480 KiB of shared memory at P = N = 128 (an H100 has 227). Until the kernel is
+    tiled over N for fp32, those gradients come from autograd through ssd_chunked (recomputed).
+    The CPU interpreter tests still check the Triton backward in fp32 at small sizes."""
+    saved = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in saved]
+        y, final = ssd_chunked(*leaves[:5], leaves[5], leaves[6], ctx.chunk_size)
+        outs = [(y, dy), (final, dfinal)]
+        outs = [(o, g) for o, g in outs if g is not None]
+        need = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad([o for o, _ in outs], need, [g for _, g in outs],
+                                         allow_unused=True))
+    return tuple(next(grads) if t is not None else None for t in leaves) + (None,)
+
+
+class _SSDTriton(torch.autograd.Function):
+    """ssd with the Triton kernels; the backward recomputes the chunk states from the inputs."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, dt_bias, initial_state, chunk_size):
+        x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
+        init = initial_state.float().contiguous() if initial_state is not None else None
+        bias = dt_bias.float() if dt_bias is not None else None
+        y, final = _ssd_fwd_triton(x, dt, A.float(), B, C, bias, init, chunk_size)
+        ctx.save_for_backward(x, dt, A, B, C, dt_bias, initial_state)
+        ctx.chunk_size = chunk_size
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dt, A, B, C, dt_bias, initial_state = ctx.saved_tensors
+        if x.dtype == torch.float32 and x.is_cuda:
+            return _ssd_bwd_torch(ctx, dy, dfinal)
+        dy = torch.zeros_like(x) if dy is None else dy.contiguous()
+        init = initial_state.float().contiguous() if initial_state is not None else None
+        dfinal = dfinal.float().contiguous() if dfinal is not None else None
+        Q = min(ctx.chunk_size, BWD_CHUNK[x.element_size()])           # the backward's own chunk
+        dx, ddt, dA, dB, dC, dbias, dinit = _ssd_bwd_triton(
+            dy, dfinal, x, dt, A.float(), B, C, dt_bias.float() if dt_bias is not None else None,
+            init, Q)
+        return (dx, ddt.to(dt.dtype), dA.to(A.dtype), dB, dC,
+                dbias.to(dt_bias.dtype) if dt_bias is not None else None,
+                dinit.to(initial_state.dtype) if initial_state is not None else None, None)
+
+
+def ssd_triton(x, dt, A, B, C, dt_bias=None, initial_state=None, chunk_size=128):
+    """scan_kernel.ssd's backend="triton": fp16, bf16 or fp32 inputs, chunk_size a power of two
+    >= 16. The kernels run chunks of at most chunk_size (FWD_CONFIG, BWD_CHUNK): same result."""
+    check_triton_inputs(x, chunk_size)
+    return _SSDTriton.apply(x, dt, A, B, C, dt_bias, initial_state, chunk_size)
+
+
+# -----------------------------------------------------------------------------
+# validation and benchmark (tests/test_scan_triton.py holds the tests)
+
+SHAPES = ((16, 1024), (8, 2048), (4, 8192), (2, 16384), (1, 65536))    # batch x length
+H, P, N, CHUNK = 16, 128, 128, 128                                      # the mmMamba layer
+FIRST_CALL_SHAPE = (8, 2048)
+
+
+def _random_inputs(b, l, h, p, n, dtype, device, requires_grad=False):
+    """mmMamba-like draws: dt0 log-uniform in [1e-3, 1e-1] as Mamba-2 initialises dt_bias,
+    A = -e^a, a in [0, 1], raw dt around 0 so softplus(dt + dt_bias) spreads around dt0."""
+    dt0 = torch.exp(torch.empty(h, device=device).uniform_(math.log(1e-3), math.log(1e-1)))
+    ins = dict(x=torch.randn(b, l, h, p, device=device, dtype=dtype),
+               dt=torch.randn(b, l, h, device=device, dtype=dtype),
+               A=-torch.exp(torch.rand(h, device=device)),
+               B=torch.randn(b, l, h, n, device=device, dtype=dtype),
+               C=torch.randn(b, l, h, n, device=device, dtype=dtype) / math.sqrt(n),
+               dt_bias=dt0 + torch.log(-torch.expm1(-dt0)))          # softplus^-1(dt0)
+    for t in ins.values():
+        t.requires_grad_(requires_grad)
+    return ins
+
+
+def _rel(a, ref):
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def validate(b=2, l=2048 + 77, h=16, p=128, n=128, dtype=torch.bfloat16):
+    """The fast kernels (outputs and every gradient) and the simple kernel (outputs) against
+    the float64 chunked reference on one mmMamba-shaped draw; returns relative errors."""
+    ins = _random_inputs(b, l, h, p, n, dtype, "cuda", requires_grad=True)
+    S0 = torch.randn(b, h, p, n, device="cuda", requires_grad=True)
+    y, f = ssd(**ins, initial_state=S0, backend="triton")
+    ref = {k: v.detach().double().requires_grad_() for k, v in ins.items()}
+    S0r = S0.detach().double().requires_grad_()
+    yr, fr = ssd_chunked(**ref, initial_state=S0r)
+    gy, gf = torch.randn_like(yr), torch.randn_like(fr)
+    grads = torch.autograd.grad((y.double() * gy).sum() + (f.double() * gf).sum(),
+                                [*ins.values(), S0])
+    grads_r = torch.autograd.grad((yr * gy).sum() + (fr * gf).sum(), [*ref.values(), S0r])
+    err = {"y": _rel(y, yr), "final": _rel(f, fr)}
+    err.update({"d" + k: _rel(g, gr) for k, g, gr in zip([*ins, "S0"], grads, grads_r)})
+    with torch.no_grad():
+        ys, fs = ssd(**ins, initial_state=S0, backend="simple")
+    err.update({"simple y": _rel(ys, yr), "simple final": _rel(fs, fr)})
+    return err
+
+
+def load_peers(peers):
+    """{name: function or the reason it is missing} for mamba_ssm's mamba_chunk_scan_combined
+    and fla's chunk_simple_gla. `peers` (a folder holding mamba_ssm/, fla/, einops/) goes first
+    on sys.path. Package __init__ files that would pull in compiled CUDA extensions
+    (mamba_ssm's) or every other op (fla.ops') are skipped: their packages are registered as
+    bare modules with only a search path, then the one module needed is imported."""
+    if peers:
+        if not os.path.isdir(peers):
+            raise InputError(f"--peers {peers}: no such folder (give one holding mamba_ssm/, "
+                             "fla/ and einops/)")
+        sys.path.insert(0, os.path.abspath(peers))
+
+    def bare(name):
+        if name in sys.modules:
+            return
+        parent, _, leaf = name.rpartition(".")
+        if parent:
+            where = [os.path.join(d, leaf) for d in sys.modules[parent].__path__]
+        else:
+            spec = importlib.util.find_spec(name)
+            if spec is None or not spec.submodule_search_locations:
+                raise ImportError(f"no package {name}")
+            where = list(spec.submodule_search_locations)
+        module = types.ModuleType(name)
+        module.__path__ = where
+        sys.modules[name] = module
+
+    def mamba():
+        for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton", "mamba_ssm.utils"):
+            bare(name)
+        module = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
+        return module.mamba_chunk_scan_combined
+
+    def fla():
+        importlib.import_module("fla")                 # its own __init__ is light (a version)
+        bare("fla.ops")
+        return importlib.import_module("fla.ops.simple_gla.chunk").chunk_simple_gla
+
+    found = {}
+    for name, load in (("mamba_ssm", mamba), ("fla", fla)):
+        try:
+            found[name] = load()
+        except Exception as e:  # noqa: BLE001  (absent or broken: report and time the rest)
+            found[name] = f"not importable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+    return found
+
+
+def _implementations(peers):
+    """{name: make(ins, dy) -> (fwd, fwd_bwd or None, grad leaves)} for every scan to time;
+    a string in place of make says why that one is missing."""
+    def ours(backend, backward):
+        def make(ins, dy):
+            leaves = {k: v.detach().clone().requires_grad_() for k, v in ins.items()}
+
+            def fwd():
+                with torch.no_grad():
+                    return ssd(**ins, chunk_size=CHUNK, backend=backend)
+
+            def fwd_bwd():
+                y, _ = ssd(**leaves, chunk_size=CHUNK, backend=backend)
+                y.backward(dy)
+            return fwd, fwd_bwd if backward else None, list(leaves.values())
+        return make
+
+    def mamba(fn):
+        def make(ins, dy):
+            def call(x, dt, A, B, C, dt_bias):
+                return fn(x, dt, A, B, C, chunk_size=CHUNK, dt_bias=dt_bias, dt_softplus=True,
+                          return_final_states=True)
+            leaves = {k: v.detach().clone().requires_grad_() for k, v in ins.items()}
+
+            def fwd():
+                with torch.no_grad():
+                    return call(**ins)
+
+            def fwd_bwd():
+                y, _ = call(**leaves)
+                y.backward(dy)
+            return fwd, fwd_bwd, list(leaves.values())
+        return make
+
+    def fla(fn):
+        def make(ins, dy):
+            # chunk_simple_gla is the same recurrence given q = C, k = B, v = dt x and the
+            # log-decay g = dt A: that preparation is done here, outside the timed calls
+            dt = F.softplus(ins["dt"].float() + ins["dt_bias"])
+            pre = dict(q=ins["C"], k=ins["B"], v=(ins["x"] * dt[..., None]).to(ins["x"].dtype),
+                       g=dt * ins["A"])
+            leaves = {k: v.detach().clone().requires_grad_() for k, v in pre.items()}
+
+            def fwd():
+                with torch.no_grad():
+                    return fn(**pre, scale=1.0, output_final_state=True)
+
+            def fwd_bwd():
+                y, _ = fn(**leaves, scale=1.0, output_final_state=True)
+                y.backward(dy)
+            return fwd, fwd_bwd, list(leaves.values())
+        return make
+
+    found = load_peers(peers)
+    impls = {"ours (fast)": ours("triton", True), "ours (simple)": ours("simple", False)}
+    impls["mamba_ssm"] = mamba(found["mamba_ssm"]) if callable(found["mamba_ssm"]) \
+        else found["mamba_ssm"]
+    impls["fla"] = fla(found["fla"]) if callable(found["fla"]) else found["fla"]
+    impls["ours (PyTorch chunked)"] = ours("torch", False)
+    return impls
+
+
+def _copy_bandwidth(nbytes=1 << 30):
+    """Device-to-device copy, bytes read + written per second: the byte floor's denominator."""
+    from triton.testing import do_bench
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
+
+
+def _floor_bytes(b, l):
+    """Forward: read x, B, C, dt once and write y once (bf16). Forward + backward adds: read
+    x, dt, B, C, dy and write dx, ddt, dB, dC."""
+    rows = b * l * H * 2                                                 # bf16 bytes per entry
+    fwd = rows * (2 * P + 2 * N + 1)
+    return fwd, fwd + rows * (3 * P + 4 * N + 2)
+
+
+def _cell(ts, floor_ms):
+    if not ts:
+        return "-"
+    med = statistics.median(ts)
+    return f"{med:.3f} ({min(ts):.3f}-{max(ts):.3f}) {med / floor_ms:.1f}x"
+
+
+def _peer_check(impls, b=2, l=1024 + 77):
+    """Each implementation's y against the float64 reference on one draw (not a multiple of the
+    chunk): a peer called with the wrong convention would show here, not as a fast time."""
+    ins = _random_inputs(b, l, H, P, N, torch.bfloat16, "cuda")
+    yr, _ = ssd_chunked(**{k: v.double() for k, v in ins.items()})
+    out = {}
+    for name, make in impls.items():
+        if callable(make):
+            try:
+                out[name] = f"{_rel(make(ins, None)[0]()[0], yr):.1e}"
+            except Exception as e:  # noqa: BLE001
+                out[name] = f"failed ({type(e).__name__}: {str(e).splitlines()[0][:60]})"
+    return out
+
+
+def benchmark(peers=None, rounds=5, shapes=SHAPES, first_call=True):
+    """Forward and forward + backward of every implementation at `shapes` (H = 16, P = N = 128,
+    chunk 128, bf16, dt raw with dt_bias and softplus inside the scan), `rounds` interleaved
+    passes (each round times every implementation once, a do_bench median each), then the
+    first call of each in a fresh process with an empty Triton cache. Prints markdown."""
+    if rounds < 1:
+        raise InputError(f"--rounds {rounds}: time at least one round")
+    if not (HAS_TRITON and torch.cuda.is_available()):
+        raise InputError("the scan benchmark needs a CUDA GPU and triton; nothing to time here")
+    from triton.testing import do_bench
+    impls = _implementations(peers)
+    print(f"device: {torch.cuda.get_device_name()}, triton {triton.__version__}, "
+          f"torch {torch.__version__}")
+    err = validate()
+    print("bf16 vs float64 reference (rel. error): "
+          + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
+    assert all(v < 2e-2 for v in err.values()), f"a Triton scan disagrees with the reference: {err}"
+    for name, make in impls.items():
+        if not callable(make):
+            print(f"{name}: skipped, {make}")
+    impls = {k: v for k, v in impls.items() if callable(v)}
+    print("y vs float64 reference, 2 x 1101 tokens: "
+          + ", ".join(f"{k} {v}" for k, v in _peer_check(impls).items()))
+    bw = _copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write); H={H} P=N={P} chunk {CHUNK}, "
+          f"bf16 x, dt, B, C; fp32 A, dt_bias; {rounds} interleaved rounds, each a do_bench "
+          "median; cells: median (min-max) x byte floor")
+    results = {}                                     # (shape, name, "fwd"/"fwd+bwd") -> [ms]
+    for b, l in shapes:
+        ins = _random_inputs(b, l, H, P, N, torch.bfloat16, "cuda")
+        dy = torch.randn_like(ins["x"])
+        runs = {}
+        for name, make in impls.items():
+            if name == "ours (PyTorch chunked)" and b * l > 16384:
+                continue                             # its (b, h, c, Q, Q) scores: memory
+            fwd, fwd_bwd, leaves = make(ins, dy)
+            runs[name, "fwd"] = (fwd, None)
+            if fwd_bwd is not None:
+                runs[name, "fwd+bwd"] = (fwd_bwd, leaves)
+        for _ in range(rounds):
+            for key, (fn, leaves) in list(runs.items()):
+                try:
+                    t = do_bench(fn, grad_to_none=leaves, return_mode="median")
+                except Exception as e:  # noqa: BLE001  (e.g. a peer's backward on this GPU)
+                    print(f"{key[0]} {key[1]} at {b} x {l} failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:100]}")
+                    del runs[key]
+                    continue
+                results.setdefault(((b, l),) + key, []).append(t)
+        del ins, dy, runs
+        torch.cuda.empty_cache()
+    names = list(impls)
+    for kind, which in (("fwd", 0), ("fwd+bwd", 1)):
+        print(f"\n{kind}, ms: median (min-max) over {rounds} rounds, x the byte floor\n")
+        print("| b x l | floor ms | " + " | ".join(names) + " |")
+        print("|---" * (len(names) + 2) + "|")
+        for b, l in shapes:
+            floor_ms = _floor_bytes(b, l)[which] / bw * 1e3
+            cells = [_cell(results.get(((b, l), name, kind), []), floor_ms) for name in names]
+            print(f"| {b} x {l} | {floor_ms:.3f} | " + " | ".join(cells) + " |")
+    if first_call:
+        print(f"\nfirst call in a fresh process, empty Triton cache (compilation and any "
+              f"autotuning included), {FIRST_CALL_SHAPE[0]} x {FIRST_CALL_SHAPE[1]}, s\n")
+        print("| implementation | first fwd | then first fwd+bwd |")
+        print("|---|---|---|")
+        for name in names:
+            if name != "ours (PyTorch chunked)":
+                print(f"| {name} | " + " | ".join(_first_call(name, peers)) + " |")
+
+
+def _first_call(name, peers):
+    """Run `python scan_fast.py --first-call NAME` in a fresh process with its own empty
+    Triton cache; returns its (fwd, fwd+bwd) seconds as strings."""
+    with tempfile.TemporaryDirectory() as cache:
+        cmd = [sys.executable, os.path.abspath(__file__), "--first-call", name]
+        if peers:
+            cmd += ["--peers", peers]
+        try:
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                                 env={**os.environ, "TRITON_CACHE_DIR": cache})
+            got = json.loads(run.stdout.strip().splitlines()[-1])
+        except Exception as e:  # noqa: BLE001
+            return [f"failed ({type(e).__name__})", ""]
+    return [got.get(k, "-") for k in ("fwd", "fwd+bwd")]
+
+
+def _first_call_child(name, peers):
+    """The child of _first_call: times one implementation's first calls, prints JSON."""
+    make = _implementations(peers)[name]
+    if not callable(make):
+        print(json.dumps({"fwd": make, "fwd+bwd": ""}))
+        return
+    ins = _random_inputs(*FIRST_CALL_SHAPE, H, P, N, torch.bfloat16, "cuda")
+    fwd, fwd_bwd, _ = make(ins, torch.randn_like(ins["x"]))
+    out = {}
+    for key, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        if fn is None:
+            out[key] = "-"
+            continue
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            fn()
+            torch.cuda.synchronize()
+            out[key] = f"{time.perf_counter() - t0:.1f}"
+        except Exception as e:  # noqa: BLE001
+            out[key] = f"failed ({type(e).__name__})"
+    print(json.dumps(out))
+
+
+def probe():
+    """Compile every fast kernel (bf16 and fp32) and print its registers, spills and shared
+    memory: the numbers behind docs/kernel_log.md's register notes."""
+    for dtype in (torch.bfloat16, torch.float32):
+        ins = _random_inputs(1, 1024, 2, P, N, dtype, "cuda", requires_grad=True)
+        y, f = ssd(**ins, backend="triton")
+        (y.float().sum() + f.sum()).backward()
+        with torch.no_grad():
+            ssd(**ins, backend="simple")
+    torch.cuda.synchronize()
+    kernels = (_state_kernel, _pass_kernel, _scan_kernel, _scan_bwd_kernel,
+               scan_kernel._simple_scan_kernel)
+    for fn in kernels:
+        for caches in fn.device_caches.values():
+            for key, k in caches[0].items():
+                print(f"{fn.fn.__name__:20s} regs {getattr(k, 'n_regs', -1):4d} "
+                      f"spills {getattr(k, 'n_spills', -1):5d} smem {k.metadata.shared:7d} "
+                      f"warps {k.metadata.num_warps} key {str(key)[:100]}")
+
+
+def main():
+    p = ArgumentParser(description="Validate and benchmark the Triton SSD scans on a GPU")
+    p.add_argument("--peers", help="a folder holding mamba_ssm/, fla/ (and einops/) to time "
+                   "beside ours; it goes first on sys.path. Without it: whatever is installed")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--shapes", default=",".join(f"{b}x{l}" for b, l in SHAPES),
+                   help="batch x length pairs, comma-separated")
+    p.add_argument("--no-first-call", action="store_true",
+                   help="skip the first-call (compilation) timings in fresh processes")
+    p.add_argument("--probe", action="store_true", help="print each kernel's registers, "
+                   "spills and shared memory instead of benchmarking")
+    p.add_argument("--first-call", help=argparse.SUPPRESS)            # the child process
+    args = p.parse_args()
+    if args.first_call:
+        return _first_call_child(args.first_call, args.peers)
+    if args.probe:
+        if not torch.cuda.is_available():
+            raise InputError("--probe compiles the kernels for a CUDA GPU: none here")
+        return probe()
+    benchmark(args.peers, args.rounds, parse_shapes(args.shapes), not args.no_first_call)
+
+
+def parse_shapes(text):
+    """'16x1024,8x2048' -> ((16, 1024), (8, 2048)); an InputError for anything else."""
+    try:
+        shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in text.split(","))
+    except ValueError:
+        shapes = ()
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise InputError(f"--shapes {text!r}: give batch x length pairs, e.g. 16x1024,1x65536")
+    return shapes
+
+
+if __name__ == "__main__":
+    import scan_fast                     # one copy of this module: scan_kernel.ssd imports it by
+    run_cli(scan_fast.main)              # name, and the benchmark, probe and tests use that one
