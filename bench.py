@@ -493,11 +493,10 @@ def run_prompt(args):
 
 
 def run_kernel(args):
-    import scan_kernel
-    if not hasattr(scan_kernel, "benchmark"):
-        print("scan_kernel.benchmark() does not exist yet: the Triton kernels' benchmark lives there")
-        return
-    scan_kernel.benchmark()
+    """The SSD scan: validation, then ours beside mamba_ssm and fla (scan_fast.benchmark)."""
+    import scan_fast
+    with torch.enable_grad():                        # main() runs under no_grad; fwd+bwd needs it
+        scan_fast.benchmark(args.peers, args.rounds, scan_fast.parse_shapes(args.shapes))
 
 
 def run_curves(args):
@@ -552,6 +551,11 @@ def main():
     p.add_argument("--profile", action="store_true",
                    help="decode: profile the first and last context, and time SDPA variants")
     p.add_argument("--out-dir", default="bench_out", help="where the CSV and PNG go")
+    p.add_argument("--peers", help="kernel: a folder holding mamba_ssm/, fla/, einops/ to time "
+                   "beside ours (goes first on sys.path)")
+    p.add_argument("--rounds", type=int, default=5, help="kernel: interleaved timing rounds")
+    p.add_argument("--shapes", default="16x1024,8x2048,4x8192,2x16384,1x65536",
+                   help="kernel: batch x length pairs")
     args = p.parse_args()
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
