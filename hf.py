@@ -42,7 +42,7 @@ from PIL import Image
 import data
 from mmmamba import Config, Model
 from util import (ArgumentParser, InputError, load_checkpoint, model_from_checkpoint, read_image,
-                  run_cli)
+                  run_cli, tokenizer_from_checkpoint)
 
 # -----------------------------------------------------------------------------
 # safetensors
@@ -75,14 +75,11 @@ def read_header(path):
 
 
 def read_tensor(path, base, entry):
-    start, end = entry["data_offsets"]
+    (start, end), dtype = entry["data_offsets"], DTYPES[entry["dtype"]]
     with open(path, "rb") as f:
         f.seek(base + start)
-        raw = bytearray(f.read(end - start))
-    dtype = DTYPES[entry["dtype"]]
-    if not raw:
-        return torch.empty(entry["shape"], dtype=dtype)
-    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(entry["shape"])
+        raw = bytearray(f.read(end - start) or b"\0")             # frombuffer refuses 0 bytes
+    return torch.frombuffer(raw, dtype=torch.uint8)[:end - start].view(dtype).view(entry["shape"])
 
 
 def write_safetensors(path, tensors, dtype):
@@ -90,17 +87,17 @@ def write_safetensors(path, tensors, dtype):
     `path` and renamed over it: an interrupted export leaves no half-written file."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0           # what transformers checks
     for name, t in tensors.items():
+        n = t.numel() * dtype.itemsize
         header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + t.numel() * dtype.itemsize]}
-        offset += t.numel() * dtype.itemsize
+                        "data_offsets": [offset, offset + n]}
+        offset += n
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)                                      # tensors 8-byte aligned
     try:
         with open(path + ".tmp", "wb") as f:
             f.write(len(raw).to_bytes(8, "little") + raw)
             for t in tensors.values():
-                f.write(t.detach().to("cpu", dtype).contiguous().view(-1).view(torch.uint8)
-                        .numpy().tobytes())
+                f.write(t.detach().to("cpu", dtype).reshape(-1).view(torch.uint8).numpy().tobytes())
         os.replace(path + ".tmp", path)
     except OSError as e:
         raise InputError(f"could not write {path} ({e.strerror or e}): free some disk space "
@@ -115,14 +112,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 
 
-def read_json(path):
-    if not os.path.isfile(path):
-        raise InputError(f"{path} is missing: pass the folder of a HoVLE or mmMamba checkpoint")
+def read_json(path, missing_ok=False):
+    if missing_ok and not os.path.isfile(path):
+        return {}
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{path} is missing: pass the folder of a HoVLE or mmMamba "
+                         "checkpoint") from None
     except (ValueError, OSError) as e:
-        raise InputError(f"{path} is not readable JSON ({type(e).__name__}): download it again") from None
+        raise InputError(f"{path} is not readable JSON ({type(e).__name__}): download it "
+                         "again") from None
 
 
 def open_folder(path):
@@ -130,16 +131,14 @@ def open_folder(path):
     if not os.path.isdir(path):
         raise InputError(f"{path} is not a folder: pass the folder of a HoVLE or mmMamba "
                          "checkpoint (config.json and *.safetensors)")
-    hf = read_json(os.path.join(path, "config.json"))
-    if os.path.isfile(os.path.join(path, WEIGHTS)):
-        weight_map = None
-    elif os.path.isfile(os.path.join(path, INDEX)):
+    hf, weight_map = read_json(os.path.join(path, "config.json")), None
+    if not os.path.isfile(os.path.join(path, WEIGHTS)):
+        if not os.path.isfile(os.path.join(path, INDEX)):
+            raise InputError(f"{path} holds neither {WEIGHTS} nor {INDEX} (only safetensors are "
+                             "read: convert .bin weights first)")
         weight_map = read_json(os.path.join(path, INDEX)).get("weight_map")
-        if not isinstance(weight_map, dict):
+        if not isinstance(weight_map, dict) or not weight_map:
             raise InputError(f"{path}/{INDEX} has no weight_map: download it again")
-    else:
-        raise InputError(f"{path} holds neither {WEIGHTS} nor {INDEX} (only safetensors are "
-                         "read: convert .bin weights first)")
     found = {}
     for shard in sorted(set(weight_map.values())) if weight_map else [WEIGHTS]:
         file = os.path.join(path, shard)
@@ -184,19 +183,18 @@ def config_of(hf, conv_kernel=2):
                          "llm_config; our Model has one value of each for both stacks")
     limits = [gl("max_position_embeddings")]
     for c, where in ((e, "embedding_config"), (l, "llm_config")):
-        scaling = c.get("rope_scaling") or {}
-        bad = [k for k in ("use_ls", "attention_bias", "mlp_bias", "bias") if c.get(k)]
-        bad += [f"hidden_act {c['hidden_act']}"] if c.get("hidden_act", "silu") != "silu" else []
-        bad += [f"rope_scaling {scaling}"] if scaling.get("type", "dynamic") != "dynamic" else []
-        if bad:
-            raise InputError(f"config.json: {where} uses {', '.join(bad)}: not implemented here")
+        # biases and layer scale would add tensors, which load_hf refuses by name
+        scaling, act = c.get("rope_scaling") or {}, c.get("hidden_act", "silu")
+        if act != "silu" or scaling.get("type", "dynamic") != "dynamic":
+            raise InputError(f"config.json: {where} has hidden_act {act}, rope_scaling {scaling}:"
+                             " implemented are silu and dynamic NTK scaling")
         if scaling:  # dynamic NTK RoPE changes nothing up to max_position_embeddings: stop there
             limits.append(need(c, "max_position_embeddings", where))
-    D, H, Hkv, size = ge("hidden_size"), ge("num_attention_heads"), ge("num_key_value_heads"), ge("image_size")
+    D, H, Hkv, size = (ge(k) for k in ("hidden_size", "num_attention_heads",
+                                       "num_key_value_heads", "image_size"))
     merge = 1 / ge("downsample_ratio")
-    if (e.get("pixel_shuffle_loc", "pre") != "pre" or not e.get("use_pixel_shuffle_proj", True)
-            or abs(merge - round(merge)) > 1e-6 or (hf.get("force_image_size") or size) != size
-            or D % H or H % Hkv):
+    if (e.get("pixel_shuffle_loc", "pre") != "pre" or abs(merge - round(merge)) > 1e-6
+            or (hf.get("force_image_size") or size) != size or D % H or H % Hkv):
         raise InputError("config.json: implemented are a pixel shuffle by 1/downsample_ratio "
                          "before the embedding stack, force_image_size == image_size, and heads "
                          "that divide hidden_size")
@@ -233,42 +231,41 @@ def table(cfg, n_text):
         return torch.cat([q.view(Hkv, G, hd, D), k.view(Hkv, 1, hd, D), v.view(Hkv, 1, hd, D)],
                          1).reshape(-1, D),
 
-    tables = [E + "llm_text_embeddings.weight"] + (
-        [E + "special_text_embeddings.weight"] if n_text < cfg.vocab_size else [])
+    tables = [E + "llm_text_embeddings.weight", E + "special_text_embeddings.weight"]
+    tables = tables[:1 + (n_text < cfg.vocab_size)]
     rows = [(["tok_embeddings.weight"], tables, lambda *t: (torch.cat(t),),
              lambda t: (t[:n_text], t[n_text:])[:len(tables)]),
             (["vision.pos"], [E + "vision_embeddings.position_embedding"],
              lambda p: (p[0, 1:],),                     # row 0: an unused class token's place
-             lambda p: (torch.cat([p.new_zeros(1, D), p])[None],)),
-            (["norm.weight"], [L + "model.norm.weight"], *copy),
-            (["output.weight"], [L + "output.weight"], *copy)]
+             lambda p: (torch.cat([p.new_zeros(1, D), p])[None],))]
+    names = {"norm.weight": L + "model.norm.weight", "output.weight": L + "output.weight"}
     for ours, theirs in (("patch", "vision_embeddings.patch_embedding"),
                          ("proj.0", "pixel_shuffle_proj.0"), ("proj.2", "pixel_shuffle_proj.2")):
-        rows += [([f"vision.{ours}.{p}"], [f"{E}{theirs}.{p}"], *copy) for p in ("weight", "bias")]
+        names.update({f"vision.{ours}.{p}": f"{E}{theirs}.{p}" for p in ("weight", "bias")})
     # the released Mamba-2 layer packs its input projections as rows v, k, q, gate, dt: our x
     # (from W_V), B (from W_K), C (from W_Q), W_G, W_dt (arXiv 2502.13145 Sec. 3.2; docs/
     # method.md §2, §4); its conv runs over [v, k, q] = our [x, B, C], so it copies as it is
     sizes = [Hkv * hd, Hkv * hd, H * hd, H * hd, H]
+    mamba = {"conv1d.weight": "conv1d.weight", "conv1d.bias": "conv1d.bias", "dt_bias": "dt_bias",
+             "A_log": "A_log_bias", "norm.weight": "g_norm_swish_gate.weight",
+             "o_proj.weight": "o_proj.weight"}
     for i, kind in enumerate(cfg.kinds):
         j = i - cfg.n_embed_layer
         src, dst = f"{E}encoder.{i}." if j < 0 else f"{L}model.layers.{j}.", f"layers.{i}."
-        pairs = [("attention_norm.weight", "attention_norm.weight"),
-                 ("ffn_norm.weight", "ffn_norm.weight")] + [
-                (f"mlp.{w}.weight", f"feed_forward.{w}.weight") for w in ("w1", "w2", "w3")]
+        names.update({f"{dst}{n}.weight": f"{src}{n}.weight" for n in ("attention_norm",
+                                                                      "ffn_norm")})
+        names.update({f"{dst}mlp.{w}.weight": f"{src}feed_forward.{w}.weight"
+                      for w in ("w1", "w2", "w3")})
         if kind == "A":
             rows.append(([dst + f"mixer.{p}_proj.weight" for p in "qkv"],
                          [src + "attention.wqkv.weight"], split_wqkv, join_wqkv))
-            pairs.append(("mixer.o_proj.weight", "attention.wo.weight"))
+            names[dst + "mixer.o_proj.weight"] = src + "attention.wo.weight"
         else:
             rows.append(([dst + f"mixer.{p}_proj.weight" for p in ("x", "b", "c", "g", "dt")],
                          [src + "attention.wvkqgdt.weight"], lambda w: w.split(sizes),
                          lambda *t: (torch.cat(t),)))
-            pairs += [(f"mixer.{a}", f"attention.{b}") for a, b in (
-                ("conv1d.weight", "conv1d.weight"), ("conv1d.bias", "conv1d.bias"),
-                ("dt_bias", "dt_bias"), ("A_log", "A_log_bias"),
-                ("norm.weight", "g_norm_swish_gate.weight"), ("o_proj.weight", "o_proj.weight"))]
-        rows += [([dst + a], [src + b], *copy) for a, b in pairs]
-    return rows
+            names.update({dst + "mixer." + a: src + "attention." + b for a, b in mamba.items()})
+    return rows + [([a], [b], *copy) for a, b in names.items()]
 
 
 # in the files but never read by the forward: a class token, and the LLM's own embedding table
@@ -287,8 +284,7 @@ def load_hf(path, dtype=None, device="cpu"):
         model = Model(cfg)
     ours, state = model.state_dict(), {}
     text = files.get(E + "llm_text_embeddings.weight")
-    n_text = min(text[2]["shape"][0], cfg.vocab_size) if text else cfg.vocab_size
-    rows = table(cfg, n_text)
+    rows = table(cfg, min(text[2]["shape"][0], cfg.vocab_size) if text else cfg.vocab_size)
     for our_keys, their_keys, to_ours, to_theirs in rows:
         tensors = []
         for key, want in zip(their_keys, to_theirs(*(ours[k] for k in our_keys))):
@@ -346,25 +342,24 @@ def export_hf(model, path, tokenizer=None, like=None, dtype=torch.bfloat16):
     cfg = model.cfg
     hf = deepcopy(like.config) if like is not None else hf_config(cfg)
     e, l = hf["embedding_config"], hf["llm_config"]
-    kinds = ["mha" if k == "A" else "mamba2" for k in cfg.kinds]
+    kinds, n = ["mha" if k == "A" else "mamba2" for k in cfg.kinds], cfg.n_embed_layer
     for c in (e, l):
         c.pop("layers_block_type", None)
     if "M" in cfg.kinds:  # what mmMamba's conversion writes into config.json
-        e["layers_block_type"], l["layers_block_type"] = (kinds[:cfg.n_embed_layer],
-                                                          kinds[cfg.n_embed_layer:])
+        e.update(layers_block_type=kinds[:n], model_type="mmMamba_embedding")
+        l.update(layers_block_type=kinds[n:], model_type="mmMamba",
+                 architectures=["mmMambaForCausalLM"])
         hf.update(architectures=["mmMambaChatModel"], model_type="mmMamba_chat")
-        e["model_type"], l["model_type"] = "mmMamba_embedding", "mmMamba"
-        l["architectures"] = ["mmMambaForCausalLM"]
-    try:
+    try:  # HoVLE's patch features are d_model wide, its head dim d_model / n_head
         theirs = asdict(config_of(hf, cfg.conv_kernel))
+        wrong = [f"{k} {v} != {theirs[k]}" for k, v in asdict(cfg).items()
+                 if k in SHAPE and v != theirs[k]]
+        if wrong:
+            raise InputError(", ".join(wrong))
     except InputError as err:
-        raise InputError(f"the model does not fit {like.folder if like else 'HoVLE'}'s format: {err}") from None
-    wrong = [f"{k} {v} != {theirs[k]}" for k, v in asdict(cfg).items() if k in SHAPE and v != theirs[k]]
-    if wrong:  # HoVLE's patch features are d_model wide, its head dim is d_model / n_head
-        raise InputError(f"the model does not fit {like.folder if like else 'HoVLE'}'s format: "
-                         + ", ".join(wrong))
-    sd = model.state_dict()
-    tensors = {}
+        raise InputError(f"the model does not fit {like.folder if like else 'HoVLE'}'s format "
+                         f"({err})") from None
+    sd, tensors = model.state_dict(), {}
     for our_keys, their_keys, _, to_theirs in table(cfg, e["llm_vocab_size"]):
         tensors.update(zip(their_keys, to_theirs(*(sd[k] for k in our_keys))))
     tensors.update({k: make(sd) for k, make in UNUSED.items()})
@@ -390,24 +385,26 @@ class HFTokenizer:
     the embedding config's special-token map), never from our ids 0..5."""
 
     def __init__(self, folder, hf=None):
-        self.folder, self.config = folder, hf or read_json(os.path.join(folder, "config.json"))
+        file = lambda name: os.path.join(folder, name)                    # noqa: E731
+        self.folder, self.config = folder, hf or read_json(file("config.json"))
         self.template = self.config.get("template", "internlm2-chat")
-        opt = lambda name: read_json(os.path.join(folder, name)) if os.path.isfile(  # noqa: E731
-            os.path.join(folder, name)) else {}
-        tc, self.special = opt("tokenizer_config.json"), opt("added_tokens.json")
-        self.special.update({v["content"]: int(k) for k, v in tc.get("added_tokens_decoder", {}).items()})
+        tc, self.special = read_json(file("tokenizer_config.json"), True), read_json(
+            file("added_tokens.json"), True)
+        added = tc.get("added_tokens_decoder", {})                    # {"92542": {"content": ...}}
+        self.special.update({v["content"]: int(k) for k, v in added.items()})
         self.special.update(self.config.get("embedding_config", {}).get("special_token_maps", {}))
         self.tok = self.sp = None
-        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        if os.path.isfile(file("tokenizer.json")):
             from tokenizers import Tokenizer
-            self.tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-        elif os.path.isfile(os.path.join(folder, "tokenizer.model")):
+            self.tok = Tokenizer.from_file(file("tokenizer.json"))
+        elif os.path.isfile(file("tokenizer.model")):
             try:
                 import sentencepiece
             except ImportError:
-                raise InputError(f"{folder} has a sentencepiece tokenizer: pip install sentencepiece") from None
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
-            self.bos = self.sp.bos_id() if tc.get("add_bos_token", True) else -1
+                raise InputError(f"{folder} has a sentencepiece tokenizer: pip install "
+                                 "sentencepiece") from None
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=file("tokenizer.model"))
+            self.bos = [self.sp.bos_id()] if tc.get("add_bos_token", True) else []
 
     def encode(self, text):
         if self.tok is not None:  # tokenizer.json knows its special tokens and BOS itself
@@ -416,8 +413,8 @@ class HFTokenizer:
             raise InputError(f"{self.folder} has no tokenizer.json or tokenizer.model")
         # as transformers' slow tokenizer does: special tokens split out, the text between
         # them through sentencepiece
-        ids = [self.bos] if self.bos >= 0 else []
         pattern = "|".join(re.escape(s) for s in sorted(self.special, key=len, reverse=True))
+        ids = list(self.bos)
         for piece in re.split(f"({pattern})", text) if self.special else [text]:
             ids += [self.special[piece]] if piece in self.special else self.sp.encode(piece)
         return ids
@@ -430,8 +427,6 @@ class HFTokenizer:
 
     def id(self, name):
         i = self.special.get(name, self.tok.token_to_id(name) if self.tok else None)
-        if i is None and self.sp is not None and self.sp.piece_to_id(name) != self.sp.unk_id():
-            i = self.sp.piece_to_id(name)
         if i is None:
             raise InputError(f"the tokenizer of {self.folder} has no token {name}")
         return i
@@ -451,6 +446,9 @@ def prompt_ids(tok, question, n_img_tokens, system=SYSTEM):
         return data.encode_prompt(tok.tok, question, n_img_tokens)
     if tok.template not in ("internlm2-chat", "mmmamba"):
         raise InputError(f"{tok.folder}: chat template {tok.template!r} is not implemented")
+    typed = [s for s in tok.special if s in question]
+    if typed:  # the user's text stays text: a typed <IMG_CONTEXT> would become an image slot
+        raise InputError(f"the question holds the special token {typed[0]}: leave it out")
     image = "<img>" + "<IMG_CONTEXT>" * n_img_tokens + "</img>"
     ids = tok.encode(f"<|im_start|>system\n{system}<|im_end|><|im_start|>user\n{image}\n"
                      f"{question}<|im_end|><|im_start|>assistant\n")
@@ -509,11 +507,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="of the weights")
     args = ap.parse_args(argv)
     ckpt = load_checkpoint(args.ckpt)
-    model = model_from_checkpoint(ckpt)
-    like, tok = HFTokenizer(args.like) if args.like else None, None
-    if like is None and "tokenizer" in ckpt:
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_str(ckpt["tokenizer"])
+    model = model_from_checkpoint(ckpt, args.ckpt)
+    like = HFTokenizer(args.like) if args.like else None
+    tok = tokenizer_from_checkpoint(ckpt, args.ckpt) if not like and "tokenizer" in ckpt else None
     export_hf(model, args.out, tok, like, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     n_mamba = model.cfg.kinds.count("M")
     print(f"wrote {args.out}: {n_mamba} Mamba-2 + {model.cfg.n_layer - n_mamba} attention "

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import hf
-from mmmamba import Config, Model
+from mmmamba import SPECIAL_TOKENS, Config, Model
 from util import InputError, checkpoint_of, save_checkpoint
 
 F64 = torch.float64
@@ -64,15 +64,18 @@ def toy_weights(kinds, seed=0):
          E + "vision_embeddings.patch_embedding.bias": r(D, s=0.3),
          E + "vision_embeddings.position_embedding": r(1, 17, D),
          E + "vision_embeddings.class_embedding": r(1, 1, D),
-         E + "pixel_shuffle_proj.0.weight": r(D, 4 * D, s=0.1), E + "pixel_shuffle_proj.0.bias": r(D),
+         E + "pixel_shuffle_proj.0.weight": r(D, 4 * D, s=0.1),
+         E + "pixel_shuffle_proj.0.bias": r(D),
          E + "pixel_shuffle_proj.2.weight": r(D, D, s=0.2), E + "pixel_shuffle_proj.2.bias": r(D),
          L + "model.tok_embeddings.weight": r(VOCAB, D),      # in the file, never used
-         L + "model.norm.weight": (1 + r(D, s=0.3)).bfloat16(), L + "output.weight": r(VOCAB, D, s=0.3)}
+         L + "model.norm.weight": (1 + r(D, s=0.3)).bfloat16(),
+         L + "output.weight": r(VOCAB, D, s=0.3)}
     for i, kind in enumerate(kinds):
         p = f"{E}encoder.{i}." if i < 2 else f"{L}model.layers.{i - 2}."
         w[p + "attention_norm.weight"] = (1 + r(D, s=0.3)).bfloat16()
         w[p + "ffn_norm.weight"] = (1 + r(D, s=0.3)).bfloat16()
-        w[p + "feed_forward.w1.weight"], w[p + "feed_forward.w3.weight"] = r(MLP, D, s=0.3), r(MLP, D, s=0.3)
+        w[p + "feed_forward.w1.weight"] = r(MLP, D, s=0.3)
+        w[p + "feed_forward.w3.weight"] = r(MLP, D, s=0.3)
         w[p + "feed_forward.w2.weight"] = r(D, MLP, s=0.2)
         if kind == "A":
             w[p + "attention.wqkv.weight"] = r((H + 2 * HKV) * HD, D, s=0.5)
@@ -131,7 +134,8 @@ def rms(x, w, eps):
 
 def rope(x, theta):                                                   # (T, heads, hd)
     half = x.shape[-1] // 2
-    ang = torch.arange(x.shape[0], dtype=F64)[:, None] * theta ** (-torch.arange(half, dtype=F64) * 2 / HD)
+    inv_freq = theta ** (-torch.arange(half, dtype=F64) * 2 / HD)
+    ang = torch.arange(x.shape[0], dtype=F64)[:, None] * inv_freq
     cos, sin = torch.cat([ang.cos()] * 2, -1)[:, None], torch.cat([ang.sin()] * 2, -1)[:, None]
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
@@ -198,7 +202,8 @@ def reference(weights, kinds, ids, pixels, mutation=None):
     feats = torch.stack([conv @ pixels[0, :, 14 * r:14 * r + 14, 14 * c:14 * c + 14].reshape(-1)
                          for r in range(4) for c in range(4)])
     pos = w[E + "vision_embeddings.position_embedding"][0]
-    feats = feats + w[E + "vision_embeddings.patch_embedding.bias"] + (pos[:16] if mutation == "pos_row0" else pos[1:])
+    pos = pos[:16] if mutation == "pos_row0" else pos[1:]
+    feats = feats + w[E + "vision_embeddings.patch_embedding.bias"] + pos
     if mutation == "plain_reshape":                      # four consecutive patches of a row
         merged = feats.reshape(4, 4 * D)
     else:  # token R * 2 + C: patches (2R, 2C), (2R, 2C + 1), (2R + 1, 2C), (2R + 1, 2C + 1)
@@ -213,13 +218,13 @@ def reference(weights, kinds, ids, pixels, mutation=None):
         embed = i < 2
         p = f"{E}encoder.{i}." if embed else f"{L}model.layers.{i - 2}."
         theta, eps = (THETA_E, EPS_E) if embed else (THETA_L, EPS_L)
-        if mutation == "embed_rope_as_llm" and embed or mutation == "llm_rope_as_embed" and not embed:
+        if mutation == ("embed_rope_as_llm" if embed else "llm_rope_as_embed"):
             theta = THETA_L if embed else THETA_E
         n = rms(x, w[p + "attention_norm.weight"], eps)
         x = x + (attention(n, w, p, theta, mutation) if kind == "A" else mamba2(n, w, p, mutation))
         n = rms(x, w[p + "ffn_norm.weight"], eps)
-        f = "feed_forward."
-        x = x + (F.silu(n @ w[p + f + "w1.weight"].T) * (n @ w[p + f + "w3.weight"].T)) @ w[p + f + "w2.weight"].T
+        w1, w2, w3 = (w[f"{p}feed_forward.{k}.weight"] for k in ("w1", "w2", "w3"))
+        x = x + (F.silu(n @ w1.T) * (n @ w3.T)) @ w2.T
     return rms(x, w[L + "model.norm.weight"], EPS_L) @ w[L + "output.weight"].T
 
 
@@ -297,7 +302,7 @@ def test_config_read_not_assumed(hovle):
         2, THETA_E, THETA_L, EPS_E, EPS_L)
     assert (c.img_merge, c.n_img_tokens, c.img_token_id, c.vocab_size) == (2, 4, IMG_CTX, VOCAB)
     assert model.output.weight.dtype == torch.bfloat16               # the file's dtype kept
-    assert c.max_seq_len == 64           # dynamic NTK RoPE: exact only up to max_position_embeddings
+    assert c.max_seq_len == 64          # dynamic NTK RoPE: exact up to max_position_embeddings
 
 
 # -----------------------------------------------------------------------------
@@ -376,12 +381,13 @@ def test_safetensors_package_reads_our_files(tmp_path):
 def test_cli_export(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     model = student()
-    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    vocab = {s: i for i, s in enumerate(SPECIAL_TOKENS + ["a"])}      # ours: specials 0..5
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     save_checkpoint(str(tmp_path / "s.pt"), checkpoint_of(model, tokenizer=tok.to_str()))
     hf.main(["export", "--ckpt", str(tmp_path / "s.pt"), "--out", str(tmp_path / "out")])
     back, htok = hf.load_hf(str(tmp_path / "out"))
-    assert back.cfg.kinds == "MAAM" and htok.encode("a a") == [1, 1]
+    assert back.cfg.kinds == "MAAM" and htok.encode("a a") == [6, 6]
     r = subprocess.run([sys.executable, "hf.py", "export", "--ckpt", str(tmp_path / "no.pt"),
                         "--out", str(tmp_path / "x")], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -428,7 +434,8 @@ BAD = {
     "not a folder": (lambda f: None, "is not a folder"),
     "no config": (lambda f: os.remove(f / "config.json"), "config.json is missing"),
     "another architecture": (_config(lambda c: c.clear() or c.update(
-        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=D)), "not HoVLE or mmMamba"),
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=D)),
+        "not HoVLE or mmMamba"),
     "config not json": (lambda f: (f / "config.json").write_text("{oops"), "not readable JSON"),
     "no weights": (lambda f: os.remove(f / "model.safetensors"), "holds neither"),
     "a shard missing": (_shards_missing_one, "model-00002-of-00003.safetensors is missing"),
@@ -440,7 +447,7 @@ BAD = {
     "block types say Mamba-2": (_config(lambda c: c["llm_config"].update(
         layers_block_type=["mamba2", "mha"])), "wvkqgdt"),
     "linear rope scaling": (_config(lambda c: c["llm_config"].update(
-        rope_scaling={"type": "linear", "factor": 2.0})), "not implemented"),
+        rope_scaling={"type": "linear", "factor": 2.0})), "implemented are silu and dynamic"),
     "stacks of two widths": (_config(lambda c: c["embedding_config"].update(intermediate_size=40)),
                              "differ between"),
 }
@@ -473,7 +480,8 @@ def toy_tokenizer(folder):
     vocab.update({"<|im_start|>": 38, "<|im_end|>": 39, **SPECIAL})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(s, normalized=False) for s in ["<|im_start|>", "<|im_end|>", *SPECIAL]])
+    tok.add_special_tokens([AddedToken(s, normalized=False)
+                            for s in ["<|im_start|>", "<|im_end|>", *SPECIAL]])
     tok.save(str(folder / "tokenizer.json"))
 
 
@@ -496,17 +504,19 @@ def test_prompt_ids_internlm2_chat(hovle):
 def test_sentencepiece_tokenizer(tmp_path):
     spm = pytest.importorskip("sentencepiece")
     text = ["what is in the image", "a red circle and a blue square", "system user assistant"] * 30
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(tmp_path / "tokenizer"),
-                                   vocab_size=30, user_defined_symbols=["<|im_start|>", "<|im_end|>"])
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), vocab_size=30,
+                                   model_prefix=str(tmp_path / "tokenizer"),
+                                   user_defined_symbols=["<|im_start|>", "<|im_end|>"])
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
     (tmp_path / "config.json").write_text(json.dumps(toy_config()))
     (tmp_path / "added_tokens.json").write_text(json.dumps(SPECIAL))
     im_start, im_end = sp.piece_to_id("<|im_start|>"), sp.piece_to_id("<|im_end|>")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True,   # as InternLM2's
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True,  # InternLM2
         "added_tokens_decoder": {str(im_start): {"content": "<|im_start|>"},
                                  str(im_end): {"content": "<|im_end|>"}}}))
     tok = hf.HFTokenizer(str(tmp_path))
-    ids = tok.encode("<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\na red circle<|im_end|>")
+    ids = tok.encode("<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\na red circle"
+                     "<|im_end|>")
     assert ids == ([sp.bos_id(), im_start] + sp.encode("user\n") + [40, 42, 42, 41]
                    + sp.encode("\na red circle") + [im_end])
     assert tok.id("<|im_end|>") == im_end          # specials dropped, the text decoded together
@@ -528,12 +538,13 @@ def test_image_tiles(tmp_path, hovle):
     Image.fromarray(rgb).save(tmp_path / "x.png")
     x = hf.image_tiles(str(tmp_path / "x.png"), tok)
     assert x.shape == (1, 3, 56, 56)
-    resized = np.asarray(Image.fromarray(rgb).resize((56, 56), Image.BICUBIC), dtype=np.float64) / 255
+    def resize(f):
+        return np.asarray(Image.fromarray(rgb).resize((56, 56), f), dtype=np.float64) / 255
+    resized = resize(Image.BICUBIC)
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     want = torch.from_numpy((resized - mean) / std).permute(2, 0, 1).float()
     assert torch.allclose(x[0], want, atol=1e-6)
-    bilinear = np.asarray(Image.fromarray(rgb).resize((56, 56), Image.BILINEAR), dtype=np.float64) / 255
-    assert not np.allclose(resized, bilinear, atol=1e-3)               # the filter matters
+    assert not np.allclose(resized, resize(Image.BILINEAR), atol=1e-3)      # the filter matters
     with pytest.raises(InputError, match="no image"):
         hf.image_tiles(str(tmp_path / "none.png"), tok)
 
