@@ -8,6 +8,9 @@ function faster, and is checked against those references by tests/test_scan_trit
     python scan_fast.py --peers .peers   # ... beside mamba_ssm and fla, where importable
     python scan_fast.py --probe          # registers, spills and shared memory of each kernel
 
+The peers autotune hundreds of configurations on their first calls: a whole run takes
+minutes. `--part times|first-call` and `--only fast,simple,mamba_ssm,fla,torch` split it.
+
 docs/kernel_log.md is the version history: every version tried, its idea, the predicted and
 the measured time, and whether it was kept. Shapes and names follow scan_kernel.py's glossary
 (arXiv 2405.21060 Sec. 6; docs/method.md §3).
@@ -546,9 +549,6 @@ def load_peers(peers):
     (mamba_ssm's) or every other op (fla.ops') are skipped: their packages are registered as
     bare modules with only a search path, then the one module needed is imported."""
     if peers:
-        if not os.path.isdir(peers):
-            raise InputError(f"--peers {peers}: no such folder (give one holding mamba_ssm/, "
-                             "fla/ and einops/)")
         sys.path.insert(0, os.path.abspath(peers))
 
     def bare(name):
@@ -586,9 +586,14 @@ def load_peers(peers):
     return found
 
 
-def _implementations(peers):
-    """{name: make(ins, dy) -> (fwd, fwd_bwd or None, grad leaves)} for every scan to time;
-    a string in place of make says why that one is missing."""
+# what the benchmark times: id (for --only) -> the column's name
+IMPLEMENTATIONS = {"fast": "ours (fast)", "simple": "ours (simple)", "mamba_ssm": "mamba_ssm",
+                   "fla": "fla simple GLA", "torch": "ours (PyTorch chunked)"}
+
+
+def _implementations(peers, only=None):
+    """{id: make(ins, dy) -> (fwd, fwd_bwd or None, grad leaves)} for the scans in `only` (all
+    by default); a string in place of make says why that one is missing."""
     def ours(backend, backward):
         def make(ins, dy):
             leaves = {k: v.detach().clone().requires_grad_() for k, v in ins.items()}
@@ -639,13 +644,13 @@ def _implementations(peers):
             return fwd, fwd_bwd, list(leaves.values())
         return make
 
-    found = load_peers(peers)
-    impls = {"ours (fast)": ours("triton", True), "ours (simple)": ours("simple", False)}
-    impls["mamba_ssm"] = mamba(found["mamba_ssm"]) if callable(found["mamba_ssm"]) \
-        else found["mamba_ssm"]
-    impls["fla"] = fla(found["fla"]) if callable(found["fla"]) else found["fla"]
-    impls["ours (PyTorch chunked)"] = ours("torch", False)
-    return impls
+    only = list(IMPLEMENTATIONS) if only is None else only
+    found = load_peers(peers) if {"mamba_ssm", "fla"} & set(only) else {}
+    wrap = {"mamba_ssm": mamba, "fla": fla}
+    impls = {"fast": ours("triton", True), "simple": ours("simple", False),
+             "torch": ours("torch", False)}
+    impls.update({k: wrap[k](f) if callable(f) else f for k, f in found.items()})
+    return {k: impls[k] for k in only}
 
 
 def _copy_bandwidth(nbytes=1 << 30):
@@ -686,74 +691,94 @@ def _peer_check(impls, b=2, l=1024 + 77):
     return out
 
 
-def benchmark(peers=None, rounds=5, shapes=SHAPES, first_call=True):
-    """Forward and forward + backward of every implementation at `shapes` (H = 16, P = N = 128,
+def benchmark(peers=None, rounds=5, shapes=SHAPES, part="all", only=None):
+    """Forward and forward + backward of each implementation at `shapes` (H = 16, P = N = 128,
     chunk 128, bf16, dt raw with dt_bias and softplus inside the scan), `rounds` interleaved
     passes (each round times every implementation once, a do_bench median each), then the
-    first call of each in a fresh process with an empty Triton cache. Prints markdown."""
+    first call of each in a fresh process with an empty Triton cache. Prints markdown.
+    part: "times", "first-call" or "all"; only: implementation ids (IMPLEMENTATIONS). The
+    peers autotune hundreds of configurations on their first calls (minutes): split a run
+    with part and only where a call has a time limit."""
     if rounds < 1:
         raise InputError(f"--rounds {rounds}: time at least one round")
+    only = list(IMPLEMENTATIONS) if only is None else only
+    if peers and not os.path.isdir(peers):
+        raise InputError(f"--peers {peers}: no such folder (give one holding mamba_ssm/, fla/ "
+                         "and einops/)")
     if not (HAS_TRITON and torch.cuda.is_available()):
         raise InputError("the scan benchmark needs a CUDA GPU and triton; nothing to time here")
-    from triton.testing import do_bench
-    impls = _implementations(peers)
     print(f"device: {torch.cuda.get_device_name()}, triton {triton.__version__}, "
           f"torch {torch.__version__}")
+    if part in ("times", "all"):
+        _times(_implementations(peers, only), rounds, shapes)
+    if part in ("first-call", "all"):
+        print(f"\nfirst call in a fresh process, empty Triton cache (compilation and any "
+              f"autotuning included), {FIRST_CALL_SHAPE[0]} x {FIRST_CALL_SHAPE[1]}, s\n")
+        print("| implementation | first fwd | then first fwd+bwd |")
+        print("|---|---|---|")
+        for name in only:
+            if name != "torch":
+                cells = _first_call(name, peers)
+                print(f"| {IMPLEMENTATIONS[name]} | " + " | ".join(cells) + " |")
+
+
+def _times(impls, rounds, shapes):
+    """benchmark's timing part: validation, the peers' check, interleaved rounds, tables."""
+    from triton.testing import do_bench
+    start = time.perf_counter()
     err = validate()
     print("bf16 vs float64 reference (rel. error): "
           + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
     assert all(v < 2e-2 for v in err.values()), f"a Triton scan disagrees with the reference: {err}"
     for name, make in impls.items():
         if not callable(make):
-            print(f"{name}: skipped, {make}")
+            print(f"{IMPLEMENTATIONS[name]}: skipped, {make}")
     impls = {k: v for k, v in impls.items() if callable(v)}
     print("y vs float64 reference, 2 x 1101 tokens: "
-          + ", ".join(f"{k} {v}" for k, v in _peer_check(impls).items()))
+          + ", ".join(f"{IMPLEMENTATIONS[k]} {v}" for k, v in _peer_check(impls).items()))
     bw = _copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write); H={H} P=N={P} chunk {CHUNK}, "
           f"bf16 x, dt, B, C; fp32 A, dt_bias; {rounds} interleaved rounds, each a do_bench "
           "median; cells: median (min-max) x byte floor")
     results = {}                                     # (shape, name, "fwd"/"fwd+bwd") -> [ms]
     for b, l in shapes:
+        print(f"[{time.perf_counter() - start:.0f} s] {b} x {l}")
         ins = _random_inputs(b, l, H, P, N, torch.bfloat16, "cuda")
         dy = torch.randn_like(ins["x"])
         runs = {}
         for name, make in impls.items():
-            if name == "ours (PyTorch chunked)" and b * l > 16384:
+            if name == "torch" and b * l > 16384:
                 continue                             # its (b, h, c, Q, Q) scores: memory
             fwd, fwd_bwd, leaves = make(ins, dy)
             runs[name, "fwd"] = (fwd, None)
             if fwd_bwd is not None:
                 runs[name, "fwd+bwd"] = (fwd_bwd, leaves)
-        for _ in range(rounds):
+        for r in range(rounds):
+            done = []                                # printed as it goes: a cut run still tells
             for key, (fn, leaves) in list(runs.items()):
                 try:
                     t = do_bench(fn, grad_to_none=leaves, return_mode="median")
                 except Exception as e:  # noqa: BLE001  (e.g. a peer's backward on this GPU)
-                    print(f"{key[0]} {key[1]} at {b} x {l} failed: {type(e).__name__}: "
+                    print(f"{IMPLEMENTATIONS[key[0]]} {key[1]} at {b} x {l} failed: "
+                          f"{type(e).__name__}: "
                           f"{str(e).splitlines()[0][:100]}")
                     del runs[key]
                     continue
                 results.setdefault(((b, l),) + key, []).append(t)
+                done.append(f"{IMPLEMENTATIONS[key[0]]} {key[1]} {t:.3f}")
+            print(f"{b} x {l}, round {r + 1}, ms: " + ", ".join(done))
         del ins, dy, runs
         torch.cuda.empty_cache()
     names = list(impls)
+    print(f"[{time.perf_counter() - start:.0f} s] done")
     for kind, which in (("fwd", 0), ("fwd+bwd", 1)):
         print(f"\n{kind}, ms: median (min-max) over {rounds} rounds, x the byte floor\n")
-        print("| b x l | floor ms | " + " | ".join(names) + " |")
+        print("| b x l | floor ms | " + " | ".join(IMPLEMENTATIONS[k] for k in names) + " |")
         print("|---" * (len(names) + 2) + "|")
         for b, l in shapes:
             floor_ms = _floor_bytes(b, l)[which] / bw * 1e3
             cells = [_cell(results.get(((b, l), name, kind), []), floor_ms) for name in names]
             print(f"| {b} x {l} | {floor_ms:.3f} | " + " | ".join(cells) + " |")
-    if first_call:
-        print(f"\nfirst call in a fresh process, empty Triton cache (compilation and any "
-              f"autotuning included), {FIRST_CALL_SHAPE[0]} x {FIRST_CALL_SHAPE[1]}, s\n")
-        print("| implementation | first fwd | then first fwd+bwd |")
-        print("|---|---|---|")
-        for name in names:
-            if name != "ours (PyTorch chunked)":
-                print(f"| {name} | " + " | ".join(_first_call(name, peers)) + " |")
 
 
 def _first_call(name, peers):
@@ -774,7 +799,7 @@ def _first_call(name, peers):
 
 def _first_call_child(name, peers):
     """The child of _first_call: times one implementation's first calls, prints JSON."""
-    make = _implementations(peers)[name]
+    make = _implementations(peers, [name])[name]
     if not callable(make):
         print(json.dumps({"fwd": make, "fwd+bwd": ""}))
         return
@@ -823,11 +848,14 @@ def main():
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--shapes", default=",".join(f"{b}x{l}" for b, l in SHAPES),
                    help="batch x length pairs, comma-separated")
-    p.add_argument("--no-first-call", action="store_true",
-                   help="skip the first-call (compilation) timings in fresh processes")
+    p.add_argument("--part", default="all", choices=["times", "first-call", "all"],
+                   help="the timings, the first calls in fresh processes (compilation), or both")
+    p.add_argument("--only", default=",".join(IMPLEMENTATIONS),
+                   help="implementations to run, comma-separated: " + ",".join(IMPLEMENTATIONS))
     p.add_argument("--probe", action="store_true", help="print each kernel's registers, "
                    "spills and shared memory instead of benchmarking")
-    p.add_argument("--first-call", help=argparse.SUPPRESS)            # the child process
+    p.add_argument("--first-call", choices=list(IMPLEMENTATIONS),
+                   help=argparse.SUPPRESS)                             # the child process
     args = p.parse_args()
     if args.first_call:
         return _first_call_child(args.first_call, args.peers)
@@ -835,7 +863,17 @@ def main():
         if not torch.cuda.is_available():
             raise InputError("--probe compiles the kernels for a CUDA GPU: none here")
         return probe()
-    benchmark(args.peers, args.rounds, parse_shapes(args.shapes), not args.no_first_call)
+    benchmark(args.peers, args.rounds, parse_shapes(args.shapes), args.part,
+              parse_only(args.only))
+
+
+def parse_only(text):
+    """'fast,mamba_ssm' -> ['fast', 'mamba_ssm']; an InputError for an unknown id."""
+    only = [k for k in text.split(",") if k]
+    unknown = [k for k in only if k not in IMPLEMENTATIONS]
+    if unknown or not only:
+        raise InputError(f"--only {text!r}: choose from {','.join(IMPLEMENTATIONS)}")
+    return only
 
 
 def parse_shapes(text):

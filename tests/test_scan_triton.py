@@ -243,11 +243,15 @@ def test_auto_is_torch_on_cpu():
     assert torch.equal(y, y2) and torch.equal(f, f2)
 
 
-def test_benchmark_shapes_parse():
+def test_benchmark_flags_parse():
     assert sf.parse_shapes("16x1024,1X65536") == ((16, 1024), (1, 65536))
     for bad in ("16x", "0x5", "abc", "2x3x4"):
         with pytest.raises(sf.InputError, match="--shapes"):
             sf.parse_shapes(bad)
+    assert sf.parse_only("fast,mamba_ssm") == ["fast", "mamba_ssm"]
+    for bad in ("", "fast,cuda"):
+        with pytest.raises(sf.InputError, match="--only"):
+            sf.parse_only(bad)
 
 
 # -----------------------------------------------------------------------------
