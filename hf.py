@@ -9,11 +9,11 @@ and write our models in their format.
     answer = tok.decode(list(generate(model, tok, ids, pixels)))     # stops at <|im_end|>
     python hf.py export --ckpt out/stage3_linear.pt --out DIR        # ours -> their format
 
-The folder, InternVL's layout as HoVLE uses it (arXiv 2502.13145 Sec. 3.1; docs/method.md §1):
+The folder, InternVL's layout as HoVLE uses it (arXiv 2502.13145 Sec. 2; docs/method.md §1):
 config.json with an `embedding_config` (HoVLE's embedding stack: text and image patches in
 one causal stream, no vision encoder) and an `llm_config` (the InternLM2 LLM on top of it);
 bf16 weights in model.safetensors, or in shards that model.safetensors.index.json lists. A
-released mmMamba model (Sec. 3.2-3.4; §4, §6) is the same folder with each converted layer's
+released mmMamba model (Sec. 4.1-4.5; §4, §6) is the same folder with each converted layer's
 attention replaced by a Mamba-2 layer, marked "mamba2" in its stack's `layers_block_type`.
 
 Loading is a copy table (`table`): each group of our keys, the keys in the file, and two
@@ -243,8 +243,8 @@ def table(cfg, n_text):
                          ("proj.0", "pixel_shuffle_proj.0"), ("proj.2", "pixel_shuffle_proj.2")):
         names.update({f"vision.{ours}.{p}": f"{E}{theirs}.{p}" for p in ("weight", "bias")})
     # the released Mamba-2 layer packs its input projections as rows v, k, q, gate, dt: our x
-    # (from W_V), B (from W_K), C (from W_Q), W_G, W_dt (arXiv 2502.13145 Sec. 3.2; docs/
-    # method.md §2, §4); its conv runs over [v, k, q] = our [x, B, C], so it copies as it is
+    # (from W_V), B (from W_K), C (from W_Q), W_G, W_dt (arXiv 2502.13145 Sec. 4.1;
+    # docs/method.md §2, §4); its conv runs over [v, k, q] = our [x, B, C]: a plain copy
     sizes = [Hkv * hd, Hkv * hd, H * hd, H * hd, H]
     mamba = {"conv1d.weight": "conv1d.weight", "conv1d.bias": "conv1d.bias", "dt_bias": "dt_bias",
              "A_log": "A_log_bias", "norm.weight": "g_norm_swish_gate.weight",
@@ -336,7 +336,7 @@ SHAPE = ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "head_dim", 
 
 def export_hf(model, path, tokenizer=None, like=None, dtype=torch.bfloat16):
     """Write `model` as a HoVLE folder (all attention) or a released-mmMamba one (any Mamba-2
-    layer; arXiv 2502.13145 Sec. 3.4; docs/method.md §6). like: the HFTokenizer of the folder
+    layer; arXiv 2502.13145 Sec. 4.5; docs/method.md §6). like: the HFTokenizer of the folder
     it was distilled from (load_hf's second value, or HFTokenizer(dir)), whose config.json and
     tokenizer files are carried over; else tokenizer (ours) is saved as tokenizer.json."""
     cfg = model.cfg
