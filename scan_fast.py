@@ -836,9 +836,11 @@ def probe():
     for fn in kernels:
         for caches in fn.device_caches.values():
             for key, k in caches[0].items():
+                ptx = k.asm.get("ptx", "")                              # tensor-core instructions
                 print(f"{fn.fn.__name__:20s} regs {getattr(k, 'n_regs', -1):4d} "
                       f"spills {getattr(k, 'n_spills', -1):5d} smem {k.metadata.shared:7d} "
-                      f"warps {k.metadata.num_warps} key {str(key)[:100]}")
+                      f"warps {k.metadata.num_warps} wgmma {ptx.count('wgmma.mma_async'):3d} "
+                      f"mma.sync {ptx.count('mma.sync'):3d} key {str(key)[:100]}")
 
 
 def main():
