@@ -4,9 +4,9 @@ and write our models in their format.
 
     model, tok = load_hf("path/to/HoVLE", dtype=torch.float32)      # our Model, eval mode
     pixels = image_tiles("cat.jpg", tok)                             # (1, 3, 448, 448)
-    ids = prompt_ids(tok, "What is in the image?", model.cfg.n_img_tokens)
-    logits = model(torch.tensor([ids]), pixels)                      # (1, T, V)
-    answer = tok.decode(list(generate(model, tok, ids, pixels)))     # stops at <|im_end|>
+    ids = torch.tensor([prompt_ids(tok, "What is in the image?", model.cfg.n_img_tokens)])
+    logits = model(ids, pixels)                                      # (1, T, V)
+    answer = tok.decode(list(model.generate(ids, pixels, 256, stop_id=tok.id("<|im_end|>"))))
     python hf.py export --ckpt out/stage3_linear.pt --out DIR        # ours -> their format
 
 The folder, InternVL's layout as HoVLE uses it (arXiv 2502.13145 Sec. 2; docs/method.md §1):
@@ -419,7 +419,7 @@ class HFTokenizer:
             ids += [self.special[piece]] if piece in self.special else self.sp.encode(piece)
         return ids
 
-    def decode(self, ids):
+    def decode(self, ids, skip_special_tokens=True):  # special tokens are always skipped
         if self.tok is not None:
             return self.tok.decode(ids, skip_special_tokens=True)
         special = set(self.special.values())
@@ -472,24 +472,6 @@ def image_tiles(path, tok):
     img = read_image(path).resize((S, S), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 255          # (S, S, 3)
     return ((x - MEAN) / STD).permute(2, 0, 1)[None].contiguous()
-
-
-@torch.no_grad()
-def generate(model, tok, ids, pixels, max_new_tokens=256, temperature=0.0, generator=None):
-    """Stream answer ids: one prefill of the prompt, then one cached step per token, until
-    <|im_end|> (the template's end of turn). Greedy at temperature 0."""
-    stop, device = tok.id("<|im_end|>"), model.output.weight.device
-    cache = model.new_cache(1, min(model.cfg.max_seq_len, len(ids) + max_new_tokens))
-    logits = model(torch.tensor([ids], device=device), pixels.to(device), cache)[0, -1]
-    for _ in range(max_new_tokens):
-        logits = logits.float()
-        logits[model.cfg.img_token_id] = -torch.inf            # image slots come from pixels
-        nxt = int(logits.argmax() if temperature == 0 else torch.multinomial(
-            torch.softmax(logits / temperature, -1), 1, generator=generator))
-        yield nxt
-        if nxt == stop or cache.pos >= cache.max_len:
-            return
-        logits = model(torch.tensor([[nxt]], device=device), None, cache)[0, -1]
 
 
 # -----------------------------------------------------------------------------

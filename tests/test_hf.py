@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -277,21 +276,34 @@ MAMBA = ["mamba2", "mha"], ["mha", "mamba2"]           # a hybrid: both kinds in
 
 
 @pytest.fixture(scope="module")
-def mmmamba_weights():
-    return toy_weights("MAAM", seed=2)
+def mmmamba(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mmmamba")
+    weights = toy_weights("MAAM", seed=2)
+    write_folder(folder, toy_config(*MAMBA), weights)
+    return folder, weights, ours(folder)
 
 
-@pytest.mark.parametrize("shards", [1, 3])
-def test_mmmamba_logits_match_the_format(tmp_path, mmmamba_weights, shards):
-    write_folder(tmp_path, toy_config(*MAMBA), mmmamba_weights, shards)
-    model, _ = hf.load_hf(str(tmp_path), dtype=F64)
+def test_mmmamba_logits_match_the_format(mmmamba):
+    folder, weights, logits = mmmamba
+    model, _ = hf.load_hf(str(folder))
     assert model.cfg.kinds == "MAAM" and model.cfg.n_embed_layer == 2
-    logits = ours(tmp_path)
-    ref = reference(mmmamba_weights, "MAAM", IDS, pixels())
+    ref = reference(weights, "MAAM", IDS, pixels())
     assert same(logits, ref), (logits - ref).abs().max()
-    for mutation in ("wvkqgdt_qkv", "wvkqgdt_kv_swapped", "embed_rope_as_llm"):
-        bad = reference(mmmamba_weights, "MAAM", IDS, pixels(), mutation)
-        assert (logits - bad).abs().max() > 1e-3 * bad.abs().max(), mutation
+
+
+@pytest.mark.parametrize("mutation", ["wvkqgdt_qkv", "wvkqgdt_kv_swapped", "embed_rope_as_llm"])
+def test_mmmamba_reference_mutation_fails(mmmamba, mutation):
+    folder, weights, logits = mmmamba
+    ref = reference(weights, "MAAM", IDS, pixels(), mutation)
+    assert (logits - ref).abs().max() > 1e-3 * ref.abs().max(), mutation
+
+
+def test_sharded_folder(tmp_path, mmmamba):
+    """Shards and an index (the released models' layout) load to the same model."""
+    folder, weights, logits = mmmamba
+    write_folder(tmp_path, toy_config(*MAMBA), weights, shards=3)
+    assert not (tmp_path / "model.safetensors").exists()
+    assert torch.equal(ours(tmp_path), logits)
 
 
 def test_config_read_not_assumed(hovle):
@@ -342,10 +354,10 @@ def test_export_round_trip(tmp_path, layout):
     assert ("layers_block_type" in c["llm_config"]) == ("M" in layout)
 
 
-def test_export_is_read_as_the_format(tmp_path, mmmamba_weights):
+def test_export_is_read_as_the_format(tmp_path, mmmamba):
     """Export of a loaded mmMamba folder gives back the file's tensors, every key, bit for bit:
     our writer and the table's inverse agree with the format, not only with our reader."""
-    src = write_folder(tmp_path / "src", toy_config(*MAMBA), mmmamba_weights)
+    src, mmmamba_weights, _ = mmmamba
     model, tok = hf.load_hf(str(src))
     hf.export_hf(model, str(tmp_path / "out"), like=tok)
     base, header = hf.read_header(str(tmp_path / "out" / "model.safetensors"))
@@ -549,36 +561,16 @@ def test_image_tiles(tmp_path, hovle):
         hf.image_tiles(str(tmp_path / "none.png"), tok)
 
 
-def test_generate_stops_at_im_end():
-    """A scripted model: its favourite is always the image slot (never generated), then the
-    script; generation stops right after <|im_end|>."""
-    script = iter([7, 9, 39, 11])
-
-    class Scripted:
-        cfg = SimpleNamespace(max_seq_len=100, img_token_id=IMG_CTX)
-        output = SimpleNamespace(weight=torch.zeros(1))
-
-        def new_cache(self, batch, max_len):
-            return SimpleNamespace(pos=0, max_len=max_len)
-
-        def __call__(self, tokens, images, cache):
-            cache.pos += tokens.shape[1]
-            logits = torch.zeros(1, tokens.shape[1], VOCAB)
-            logits[0, -1, IMG_CTX], logits[0, -1, next(script)] = 20.0, 10.0
-            return logits
-
-    tok = SimpleNamespace(id=lambda name: {"<|im_end|>": 39}[name])
-    assert list(hf.generate(Scripted(), tok, [1, 2], torch.zeros(1, 3, 56, 56))) == [7, 9, 39]
-
-
-def test_generate_is_the_full_forward(hovle):
-    """Cached greedy decoding == argmax of the full forward over the prompt and the answer."""
+def test_generate_with_the_folders_stop_id(hovle):
+    """Model.generate on a loaded folder, with its own stop id (hf's tokenizer gives
+    <|im_end|>'s): cached greedy decoding == the full forward, and it stops right after."""
     folder, _, _ = hovle
     model, _ = hf.load_hf(str(folder), dtype=F64)
-    tok = SimpleNamespace(id=lambda name: 39)
-    out = list(hf.generate(model, tok, IDS, pixels(), max_new_tokens=5))
-    assert len(out) >= 1
+    x = torch.tensor([IDS])
+    out = list(model.generate(x, pixels(), max_new_tokens=6, stop_id=-1))
     with torch.no_grad():
-        logits = model(torch.tensor([IDS + out]), pixels())[0, len(IDS) - 1:]
-    logits[:, IMG_CTX] = -torch.inf
-    assert logits.argmax(-1)[:len(out)].tolist() == out
+        logits = model(torch.tensor([IDS + out[:-1]]), pixels())[0, len(IDS) - 1:]
+    logits[:, [0, 1, 2, 3, IMG_CTX]] = -torch.inf      # what Model.generate never emits
+    assert len(out) == 6 and logits.argmax(-1).tolist() == out
+    stop = out[2]
+    assert list(model.generate(x, pixels(), 6, stop_id=stop)) == out[:out.index(stop) + 1]
