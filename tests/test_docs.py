@@ -34,6 +34,7 @@ CITATION = re.compile(r"(?<![\w./{}-])"
 # after "docs/method.md": "§4", "§2/§3", "§§4-5", "§1, §2", "§1 and §2"
 SECTION_RUN = re.compile(r"(?:\s*(?:,|/|;|&|and|or)?\s*§+\s*\d+(?:\s*[-–]\s*§?\s*\d+)?)+")
 SECTION = re.compile(r"§+\s*(\d+)(?:\s*[-–]\s*§?\s*(\d+))?")
+SCRIPT_RUN = re.compile(r"\bpython3?\s+(?:-\S+\s+)*([\w./-]+\.py)\b")
 MD_LINK = re.compile(r"\]\(([^)\s]+)\)")
 # built from parts so that this file does not cite them itself
 PRIVATE_NOTES = [name + ".md" for name in ("PAPER", "ANCHORS", "HOVLE", "METHOD", "teacher_study")]
@@ -87,12 +88,21 @@ def docstring_lines(tree):
 
 
 def prose(path):
-    """(line number, text) of what a person reads: all of a .md file; a .py file's comments
-    and docstrings."""
+    """(line number, text) of what a person reads as a reference: a .py file's comments and
+    docstrings; a .md file's text, and in its code blocks the scripts that `python` runs (the
+    other names there are often files that a command writes)."""
     src = read(path)
     lines = src.splitlines()
     if not path.endswith(".py"):
-        return list(enumerate(lines, 1))
+        out, in_code = [], False
+        for n, line in enumerate(lines, 1):
+            if line.lstrip().startswith("```"):
+                in_code = not in_code
+            elif in_code:
+                out.append((n, " ".join(SCRIPT_RUN.findall(line))))
+            else:
+                out.append((n, line))
+        return out
     try:
         keep = {n: lines[n - 1] for n in docstring_lines(ast.parse(src))}
         for tok in tokenize.generate_tokens(io.StringIO(src).readline):
@@ -148,7 +158,10 @@ def method_sections():
 
 
 def exists(name, citing):
-    """A cited name resolves at the repository root or beside the file that cites it."""
+    """A cited name resolves at the repository root or beside the file that cites it. A name
+    in capitals that resolves nowhere is a placeholder, as in "python X.py" or "FILE.md"."""
+    if re.fullmatch(r"[A-Z]+\.(py|md)", os.path.basename(name)) and "/" not in name:
+        return True
     return any(os.path.exists(os.path.join(ROOT, base, name))
                for base in ("", os.path.dirname(citing)))
 
@@ -175,6 +188,9 @@ def test_citation_finder():
     text = ("see docs/method.md §2/§3 and tests/test_seed.py; seed.py, README.md. Not "
             "hustvl/mmMamba/convert_weight.py, not f'{name}.py', not torch.nn.functional")
     assert citations(text) == ["docs/method.md", "tests/test_seed.py", "seed.py", "README.md"]
+    assert SCRIPT_RUN.findall("$ python -u docs/x/y.py --a b > out.py; python3 z.py") == [
+        "docs/x/y.py", "z.py"]
+    assert exists("X.py", "README.md") and not exists("nothere.py", "README.md")
     assert method_sections_cited(text) == [2, 3]
     assert method_sections_cited("(arXiv 2502.13145 Sec. 4.1; docs/method.md §4)") == [4]
     assert method_sections_cited("docs/method.md §§5-7, and docs/method.md") == [5, 6, 7]
