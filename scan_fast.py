@@ -38,7 +38,6 @@ from util import ArgumentParser, InputError, run_cli
 # -----------------------------------------------------------------------------
 # the kernels
 #
-#
 # The forward splits the sequence into segments of G chunks (G * Q tokens):
 #   _state_kernel  one program per (segment, batch*head, p-tile): the state the segment alone
 #                  leaves at its end, built chunk by chunk (docs/method.md §3, step 2). Run for
@@ -56,11 +55,11 @@ from util import ArgumentParser, InputError, run_cli
 # G times smaller; G = all chunks needs no state kernels at all but leaves only b*h*P/BP
 # programs to fill the GPU. _pick_segment chooses G to keep enough programs in flight.
 # The forward runs chunks of at most 64 whatever chunk_size says (the chunk is a schedule, not
-# part of the function: any chunk gives the same y and final state), the backward at most 128
-# and p-tiles of 64 (docs/kernel_log.md, v4): the scan is bound by the latency of one long chain
-# per program (loads, four small products, exps, state update), not by bytes or tensor-core
-# rate, and with (64, 64) tiles one warpgroup fits in 255 registers: two programs share an SM
-# and hide each other's waits. Tiles move through TMA tensor descriptors over (b, l, h*P) views
+# part of the function: any chunk gives the same y and final state; the backward takes at most
+# 128, BWD_CHUNK) and p-tiles of 64 (docs/kernel_log.md, v4): the scan is bound by the latency
+# of one long chain per program (loads, four small products, exps, state update), not by bytes
+# or tensor-core rate, and with (64, 64) tiles one warpgroup fits in 255 registers: two
+# programs share an SM and hide each other's waits. Tiles move through TMA tensor descriptors over (b, l, h*P) views
 # (one bulk copy per tile; rows past the end read as zeros, are not written back): ~10% faster.
 #
 # The backward (chunk-parallel, one program per (chunk, batch*head)) needs the state entering
