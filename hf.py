@@ -117,12 +117,15 @@ def read_json(path, missing_ok=False):
         return {}
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            content = json.load(f)
+        if not isinstance(content, dict):
+            raise ValueError("not a JSON object")
+        return content
     except FileNotFoundError:
         raise InputError(f"{path} is missing: pass the folder of a HoVLE or mmMamba "
                          "checkpoint") from None
     except (ValueError, OSError) as e:
-        raise InputError(f"{path} is not readable JSON ({type(e).__name__}): download it "
+        raise InputError(f"{path} is not readable JSON ({type(e).__name__}: {e}): download it "
                          "again") from None
 
 
@@ -360,7 +363,7 @@ def export_hf(model, path, tokenizer=None, like=None, dtype=torch.bfloat16):
         raise InputError(f"the model does not fit {like.folder if like else 'HoVLE'}'s format "
                          f"({err})") from None
     sd, tensors = model.state_dict(), {}
-    for our_keys, their_keys, _, to_theirs in table(cfg, e["llm_vocab_size"]):
+    for our_keys, their_keys, _, to_theirs in table(cfg, e.get("llm_vocab_size", cfg.vocab_size)):
         tensors.update(zip(their_keys, to_theirs(*(sd[k] for k in our_keys))))
     tensors.update({k: make(sd) for k, make in UNUSED.items()})
     os.makedirs(path, exist_ok=True)
@@ -397,6 +400,8 @@ class HFTokenizer:
         if os.path.isfile(file("tokenizer.json")):
             from tokenizers import Tokenizer
             self.tok = Tokenizer.from_file(file("tokenizer.json"))
+            added = self.tok.get_added_tokens_decoder()                # {id: AddedToken}
+            self.special.update({t.content: i for i, t in added.items() if t.special})
         elif os.path.isfile(file("tokenizer.model")):
             try:
                 import sentencepiece

@@ -449,6 +449,7 @@ BAD = {
         architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=D)),
         "not HoVLE or mmMamba"),
     "config not json": (lambda f: (f / "config.json").write_text("{oops"), "not readable JSON"),
+    "config a list": (lambda f: (f / "config.json").write_text("[1, 2]"), "not a JSON object"),
     "no weights": (lambda f: os.remove(f / "model.safetensors"), "holds neither"),
     "a shard missing": (_shards_missing_one, "model-00002-of-00003.safetensors is missing"),
     "truncated weights": (_truncate, "not a readable safetensors file"),
@@ -506,6 +507,8 @@ def test_prompt_ids_internlm2_chat(hovle):
     assert ids == [38, v["system"], v["be"], v["kind"], 39, 38, v["user"], 40, 42, 42, 42, 42, 41,
                    v["what"], v["is"], v["it"], v["?"], 39, 38, v["assistant"]]
     assert tok.id("<|im_end|>") == 39 and tok.decode([v["what"], 39, v["it"]]) == "what it"
+    with pytest.raises(InputError, match="special token <IMG_CONTEXT>"):   # typed: stays out
+        hf.prompt_ids(tok, "what is <IMG_CONTEXT> ?", 4)
     bad = hf.HFTokenizer(str(folder), {**tok.config, "embedding_config": {
         **tok.config["embedding_config"], "img_context_token_id": 41}})
     with pytest.raises(InputError, match="does not map <IMG_CONTEXT>"):
