@@ -59,8 +59,9 @@ from util import ArgumentParser, InputError, run_cli
 # 128, BWD_CHUNK) and p-tiles of 64 (docs/kernel_log.md, v4): the scan is bound by the latency
 # of one long chain per program (loads, four small products, exps, state update), not by bytes
 # or tensor-core rate, and with (64, 64) tiles one warpgroup fits in 255 registers: two
-# programs share an SM and hide each other's waits. Tiles move through TMA tensor descriptors over (b, l, h*P) views
-# (one bulk copy per tile; rows past the end read as zeros, are not written back): ~10% faster.
+# programs share an SM and hide each other's waits. Tiles move through TMA tensor descriptors
+# over (b, l, h*P) views (one bulk copy per tile; rows past the end read as zeros, are not
+# written back): ~10% faster.
 #
 # The backward (chunk-parallel, one program per (chunk, batch*head)) needs the state entering
 # every chunk and the gradient of the state leaving it: _state_kernel + _pass_kernel with G = 1

@@ -1,5 +1,5 @@
 """
-The SSD scan of Mamba-2: what one mmMamba layer computes over a sequence, written five
+The SSD scan of Mamba-2: what one mmMamba layer computes over a sequence, written four
 ways that must agree, simplest first (the pattern of llm.c's dev/cuda: the reference writes
 the ground truth, every faster version reproduces it):
 
@@ -12,7 +12,8 @@ the ground truth, every faster version reproduces it):
     6. the dispatch                          ssd(...), ssd_step(...)
 
 The fast Triton kernels used for training and benchmarks on a GPU (segments, TMA, a
-backward) are in scan_fast.py; this file is the lesson and needs nothing from there.
+backward) are in scan_fast.py, which ssd(..., backend="triton") calls; nothing here needs
+reading it: it computes the same function as ssd_chunked, and the tests hold it to that.
 
 What is computed, per head (arXiv 2502.13145 Sec. 3.1, Eq. 2; docs/method.md §2):
     dt_t = softplus(dt_raw_t + dt_bias)                   step size, > 0
@@ -22,7 +23,8 @@ A < 0, so every exp(dt A) is a decay in (0, 1]. mmMamba feeds x = V, B = K, C = 
 attention layer it replaces. The chunked form is the Mamba-2 paper's (arXiv 2405.21060
 Sec. 6, Listing 1; docs/method.md §3).
 
-Glossary (mamba_ssm's layout; every backend and test uses it):
+Glossary (mamba_ssm's layout; every backend and test uses it). dt is the papers' step size
+Delta; A, B, C and x are Eq. 2's; P and N are the papers' head dim and state size:
     b  batch        l  sequence length (any length, not only multiples of Q)
     h  heads (H)    p  head dim of x (P)        n  state size of B and C (N)
     c  chunks       q, s  positions inside a chunk of Q = chunk_size tokens
@@ -216,8 +218,9 @@ def _softplus(v):
 def _simple_scan_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, y_ptr, init_ptr,
                         final_ptr, L, H, P, N, Q: tl.constexpr, BP: tl.constexpr,
                         BN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr):
-    """One program per (batch*head, tile of BP rows of the state): walk the chunks in order
-    with the (BP, N) state in registers. Per chunk, ssd_chunked's steps on (Q, .) tiles:
+    """ssd_chunked as one kernel (arXiv 2405.21060 Sec. 6; docs/method.md §3). One program
+    per (batch*head, tile of BP rows of the state) walks the chunks in order with the (BP, N)
+    state in registers. Per chunk, ssd_chunked's steps on (Q, .) tiles:
     1 and 4 give the chunk's outputs, 2 and 3 carry the state to the chunk's end. The rows p
     of the state never mix, so tiles of p are independent programs."""
     bh, pt = tl.program_id(0), tl.program_id(1)
