@@ -411,15 +411,16 @@ class HFTokenizer:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=file("tokenizer.model"))
             self.bos = [self.sp.bos_id()] if tc.get("add_bos_token", True) else []
 
-    def encode(self, text):
+    def encode(self, text, bos=True):
+        """Ids of text, special tokens in it included; bos=False: no BOS (text that continues)."""
         if self.tok is not None:  # tokenizer.json knows its special tokens and BOS itself
-            return self.tok.encode(text).ids
+            return self.tok.encode(text, add_special_tokens=bos).ids
         if self.sp is None:
             raise InputError(f"{self.folder} has no tokenizer.json or tokenizer.model")
         # as transformers' slow tokenizer does: special tokens split out, the text between
         # them through sentencepiece
         pattern = "|".join(re.escape(s) for s in sorted(self.special, key=len, reverse=True))
-        ids = list(self.bos)
+        ids = list(self.bos) if bos else []
         for piece in re.split(f"({pattern})", text) if self.special else [text]:
             ids += [self.special[piece]] if piece in self.special else self.sp.encode(piece)
         return ids
@@ -468,15 +469,19 @@ MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.2
 
 
 def image_tiles(path, tok):
-    """An image file -> (1, 3, S, S) as HoVLE preprocesses one tile (its thumbnail): a bicubic
-    resize of the whole image to S px (448), x / 255, ImageNet mean and std. (HoVLE also cuts
-    large images into up to 12 tiles; not implemented, docs/real_checkpoints.md.)"""
+    """An image file -> (1, 3, S, S), one tile (HoVLE also cuts large images into up to 12
+    tiles and a thumbnail; not implemented, docs/real_checkpoints.md)."""
+    return tile(read_image(path), tok)[None]
+
+
+def tile(img, tok):
+    """An RGB PIL image -> (3, S, S) as HoVLE preprocesses a tile: a bicubic resize of the whole
+    image to S px (448), x / 255, ImageNet mean and std."""
     S = tok.config["embedding_config"]["image_size"]
     if tok.template == "mmmamba":
-        return data.load_image(path, S)[None]
-    img = read_image(path).resize((S, S), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 255          # (S, S, 3)
-    return ((x - MEAN) / STD).permute(2, 0, 1)[None].contiguous()
+        return data.image_tensor(img, S)
+    x = torch.from_numpy(np.asarray(img.resize((S, S), Image.BICUBIC), dtype=np.float32).copy())
+    return ((x / 255 - MEAN) / STD).permute(2, 0, 1).contiguous()               # (3, S, S)
 
 
 # -----------------------------------------------------------------------------

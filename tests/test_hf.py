@@ -534,6 +534,7 @@ def test_sentencepiece_tokenizer(tmp_path):
                      "<|im_end|>")
     assert ids == ([sp.bos_id(), im_start] + sp.encode("user\n") + [40, 42, 42, 41]
                    + sp.encode("\na red circle") + [im_end])
+    assert tok.encode("a red circle<|im_end|>", bos=False) == sp.encode("a red circle") + [im_end]
     assert tok.id("<|im_end|>") == im_end          # specials dropped, the text decoded together
     assert tok.decode(ids) == sp.decode(sp.encode("user\n") + sp.encode("\na red circle"))
 
@@ -559,6 +560,7 @@ def test_image_tiles(tmp_path, hovle):
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     want = torch.from_numpy((resized - mean) / std).permute(2, 0, 1).float()
     assert torch.allclose(x[0], want, atol=1e-6)
+    assert torch.equal(hf.tile(Image.fromarray(rgb), tok), x[0])        # the same from PIL
     assert not np.allclose(resized, resize(Image.BILINEAR), atol=1e-3)      # the filter matters
     with pytest.raises(InputError, match="no image"):
         hf.image_tiles(str(tmp_path / "none.png"), tok)
