@@ -1,6 +1,7 @@
 """
-Speed and memory of mmMamba against its transformer teacher (PAPER.md section 6), on HoVLE's
-dimensions (the `paper` preset) with random weights in bf16, batch 1:
+Speed and memory of mmMamba against its transformer teacher (arXiv 2502.13145 Sec. 4, Fig. 1,
+Table 2; docs/method.md §7), on HoVLE's shape (the `paper` preset) with random weights in
+bf16, batch 1:
 
     python bench.py decode           # Figure 1: next-token latency and peak memory, 1K..128K
     python bench.py decode --quick   # the same at 1K, 32K and 103K only
@@ -10,8 +11,8 @@ dimensions (the `paper` preset) with random weights in bf16, batch 1:
 The floor. At batch 1 a decode step does ~2 flops per weight byte, so it is bound by memory:
 it must read every weight once, the K and V of every earlier token in each attention layer,
 and read and write the conv and SSM states of each Mamba-2 layer. Those bytes over the
-device-to-device copy bandwidth measured in the same run (METHOD.md) is the floor; every
-latency is printed next to it.
+device-to-device copy bandwidth measured in the same run is the floor; every latency is
+printed next to it.
 
 How a step is timed. The caches are filled with random values and cache.pos is set to the
 context, instead of prefilling (a step's cost depends only on the cache's size, and prefilling
@@ -23,7 +24,9 @@ context, instead of prefilling (a step's cost depends only on the cache's size, 
     fused     fused_decode.Decoder: five hand-written Triton kernels per layer, each matmul of
               one token carrying the elementwise work around it, in a CUDA graph
 An attention layer's graph attends up to the cache.pos of its capture: we capture per context.
-Latencies are medians over many steps, timed with CUDA events after warm-up.
+Latencies are medians over many steps, timed with CUDA events after warm-up. The fused decoder
+stacks the projections that read one input into one matrix (fused_decode.pack_for_decoding);
+the PyTorch ways then run on views of those matrices, one matmul per projection.
 """
 import contextlib
 import csv
@@ -38,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fused_decode import Decoder
+from fused_decode import Decoder, pack_for_decoding
 from mmmamba import IM_END_ID, IM_START_ID, IMAGE_ID, PRESETS, Model, expand_image_placeholder
 from seed import hybrid_layout
 from util import ArgumentParser, InputError, load_checkpoint, run_cli
@@ -49,22 +52,42 @@ QUICK_CONTEXTS = [1 * K, 32 * K, 103 * K]
 MODELS = ("teacher", "hybrid", "linear")
 WAYS = ("eager", "graph", "compiled", "fused")                  # how a step runs (module docstring)
 WAYS_MS = [f"{w}_ms" for w in WAYS]
-PAPER_103K = {"teacher": (142.65, 21.69), "hybrid": (10.54, 8.64), "linear": (6.94, 5.22)}  # ms, GB
-PAPER_TOK_S = {"teacher": 33.0, "hybrid": 134.8, "linear": 132.4}                        # Table 2
+# the paper's RTX 4090 numbers: Fig. 1 at 103K tokens (ms, GB) and Table 2 (tokens per second)
+PAPER_103K = {"teacher": (142.65, 21.69), "hybrid": (10.54, 8.64), "linear": (6.94, 5.22)}
+PAPER_TOK_S = {"teacher": 33.0, "hybrid": 134.8, "linear": 132.4}
 
 
 def layout(kind, n_layer):
-    """teacher: all attention; hybrid: the paper's 8 of 32 (layers 0, 4, 8, ...); linear: no attention."""
+    """teacher: all attention; hybrid: the paper's 8 of 32 (layers 0, 4, 8, ...); linear: no
+    attention."""
     return {"teacher": "A" * n_layer, "hybrid": hybrid_layout(n_layer, attn_every=4),
             "linear": "M" * n_layer}[kind]
 
 
 def build(cfg, kind, device, dtype):
+    """A random model of `kind` for timing: packed as the fused decoder reads it, and able to
+    embed a decode token inside a CUDA graph capture (graph_safe_embed)."""
     torch.manual_seed(0)
     with torch.device(device):
         model = Model(replace(cfg, layout=layout(kind, cfg.n_layer)))
-    # one matmul per group of projections that read the same input (mmmamba.pack_for_decoding)
-    return model.to(dtype).eval().requires_grad_(False).pack_for_decoding()
+    model = model.to(dtype).eval().requires_grad_(False)
+    pack_for_decoding(model)
+    return graph_safe_embed(model)
+
+
+def graph_safe_embed(model):
+    """Model.embed counts the image slots to check them against the images, and reading that
+    count on the host is not allowed while a CUDA graph records. A decode step has no images:
+    while capturing, embed its tokens directly (an instance attribute; the class is untouched)."""
+    embed = model.embed
+
+    def guarded(tokens, images=None):
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if images is None and capturing:
+            return model.tok_embeddings(tokens)
+        return embed(tokens, images)
+    model.embed = guarded
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -110,7 +133,7 @@ def median_ms(fn, iters, cuda, warmup=3):
 
 
 def copy_bandwidth(device, nbytes=2 << 30):
-    """Device-to-device copy, bytes read + written per second (ANCHORS.md measured 3.02 TB/s)."""
+    """Device-to-device copy, bytes read + written per second (3.02 TB/s on an H100 80GB)."""
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)   # never zeros
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), 20, device.type == "cuda")
@@ -150,7 +173,7 @@ def decode_point(model, context, iters, cuda, compiled=None, profile=False, fuse
     cache = model.new_cache(1, context + 1)
     for c in cache.layers:
         for t in c.values():
-            t.normal_(0, 0.5)                       # random, never zeros (METHOD.md)
+            t.normal_(0, 0.5)                       # random, never zeros
     token = torch.randint(6, model.cfg.vocab_size, (1, 1), device=model.output.weight.device)
 
     def step():
@@ -174,7 +197,8 @@ def decode_point(model, context, iters, cuda, compiled=None, profile=False, fuse
     ref = step().float()
     plain = model.layers
     try:
-        ways = [("graph", plain, step)] + ([("compiled", compiled, step)] if compiled is not None else []) \
+        ways = [("graph", plain, step)] \
+            + ([("compiled", compiled, step)] if compiled is not None else []) \
             + ([("fused", plain, fused_step)] if fused is not None else [])
         for name, layers, fn in ways:
             model.layers = layers
@@ -211,14 +235,16 @@ def profile_kernels(fn, label, steps=3):
     busy = sum(a.self_device_time_total for a in avgs) / steps / 1e3
     print(f"  profile {label}: {n:.0f} kernels per step, GPU busy {busy:.3f} ms per step")
     for a in sorted(avgs, key=lambda a: -a.self_device_time_total)[:14]:
-        print(f"    {a.self_device_time_total / steps:9.1f} us  {a.count / steps:5.0f}x  {a.key[:90]}")
+        print(f"    {a.self_device_time_total / steps:9.1f} us  {a.count / steps:5.0f}x  "
+              f"{a.key[:90]}")
     return n, busy
 
 
 def measure(model, kind, context, bw, iters, cuda, compiled=None, profile=False, fused=None):
     """One row of the decode table; out-of-memory is a result, not a crash."""
     nbytes = weight_bytes(model) + state_bytes(model, context)
-    row = {"model": kind, "context": context, "step_gb": nbytes / 1e9, "floor_ms": nbytes / bw * 1e3}
+    row = {"model": kind, "context": context, "step_gb": nbytes / 1e9,
+           "floor_ms": nbytes / bw * 1e3}
     try:
         row.update(decode_point(model, context, iters, cuda, compiled, profile, fused))
         row["best_ms"] = min(row.get(k, float("inf")) for k in WAYS_MS)
@@ -238,7 +264,8 @@ def attention_decode(cfg, contexts, bw):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     ways = {"gqa": None, "rows": None, "flash gqa": SDPBackend.FLASH_ATTENTION,
-            "flash rows": SDPBackend.FLASH_ATTENTION, "efficient rows": SDPBackend.EFFICIENT_ATTENTION,
+            "flash rows": SDPBackend.FLASH_ATTENTION,
+            "efficient rows": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn rows": SDPBackend.CUDNN_ATTENTION}
     print("\none attention layer's decode, us per call (graph of 10 calls)")
     print(f"{'context':>8} {'floor':>7} " + " ".join(f"{w:>14}" for w in ways))
@@ -294,10 +321,9 @@ def decode_table(rows):
 def ways_table(rows):
     header = ["model", "context", "eager ms", "graph ms", "compiled ms", "fused ms", "floor ms",
               "kernels graph/compiled/fused"]
+    kernels = lambda r: "/".join(fmt(r, f"{w}_kernels", ".0f") for w in WAYS[1:])
     return markdown(header, [[r["model"], f"{r['context'] // K}K"] + [fmt(r, k) for k in WAYS_MS]
-                             + [fmt(r, "floor_ms"), "/".join(fmt(r, f"{w}_kernels", ".0f")
-                                                             for w in ("graph", "compiled", "fused"))]
-                             for r in rows])
+                             + [fmt(r, "floor_ms"), kernels(r)] for r in rows])
 
 
 def write_csv(rows, path):
@@ -323,7 +349,8 @@ def plot(rows, path):
             continue
         ctx = [x["context"] / K for x in r]
         lat.plot(ctx, [x["best_ms"] for x in r], "o-", color=color, label=kind)
-        lat.plot(ctx, [x["floor_ms"] for x in r], "--", color=color, alpha=0.5, label=f"{kind} floor")
+        lat.plot(ctx, [x["floor_ms"] for x in r], "--", color=color, alpha=0.5,
+                 label=f"{kind} floor")
         mem.plot(ctx, [x["mem_gb"] for x in r], "o-", color=color, label=kind)
     for ax, title in ((lat, "next-token latency (ms)"), (mem, "peak GPU memory (GB)")):
         ax.set_xscale("log", base=2)
@@ -347,7 +374,8 @@ def paper_table(rows, context=103 * K):
         r, (p_ms, p_gb) = at[kind], PAPER_103K[kind]
         lines.append([kind, f"{r['best_ms']:.2f}", f"{t['best_ms'] / r['best_ms']:.1f}x",
                       f"{t['floor_ms'] / r['floor_ms']:.1f}x", f"{pt_ms / p_ms:.1f}x",
-                      f"{r['mem_gb']:.2f}", f"{1 - r['mem_gb'] / t['mem_gb']:.1%}", f"{1 - p_gb / pt_gb:.1%}"])
+                      f"{r['mem_gb']:.2f}", f"{1 - r['mem_gb'] / t['mem_gb']:.1%}",
+                      f"{1 - p_gb / pt_gb:.1%}"])
     return markdown(["model", "ms (ours)", "speedup (ours)", "speedup of floors", "speedup (paper)",
                      "GB (ours)", "memory saved (ours)", "memory saved (paper)"], lines)
 
@@ -369,9 +397,10 @@ def run_decode(args):
     rows = []
     for kind in args.models.split(","):
         model = build(cfg, kind, dev, torch.bfloat16)
-        compiled = None if args.no_compile else nn.ModuleList(torch.compile(l) for l in model.layers)
+        compiled = None if args.no_compile else nn.ModuleList(map(torch.compile, model.layers))
         fused = None if args.no_fused else Decoder(model)
-        print(f"\n{kind}: layout {model.cfg.kinds}, weights read per step {weight_bytes(model) / 1e9:.2f} GB")
+        print(f"\n{kind}: layout {model.cfg.kinds}, weights read per step "
+              f"{weight_bytes(model) / 1e9:.2f} GB")
         for i, T in enumerate(contexts):
             t0 = time.time()
             profile = args.profile and i in (0, len(contexts) - 1)
@@ -384,9 +413,9 @@ def run_decode(args):
                 fused = None
             rows.append(row)
             write_csv(rows, os.path.join(args.out_dir, "bench_decode.csv"))
-            print(f"  {T // K:>4}K: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                for k, v in row.items() if k not in ("model", "context"))
-                  + f" ({time.time() - t0:.0f} s)")
+            cells = (f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in row.items() if k not in ("model", "context"))
+            print(f"  {T // K:>4}K: " + ", ".join(cells) + f" ({time.time() - t0:.0f} s)")
         del model, compiled, fused
         gc.collect()
         torch.cuda.empty_cache()
@@ -395,7 +424,7 @@ def run_decode(args):
     print(decode_table(rows))
     print("\n## The four ways of running a step\n")
     print(ways_table(rows))
-    print("\n## At 103K against the paper (RTX 4090, PAPER.md section 6)\n")
+    print("\n## At 103K against the paper (RTX 4090, its Fig. 1)\n")
     print(paper_table(rows))
     plot(rows, os.path.join(args.out_dir, "bench_decode.png"))
 
@@ -417,7 +446,8 @@ def generation_ms(model, tokens, images, n_new, layers=None, graphs=False, fused
     def step_at(pos):
         def step():
             cache.pos = pos
-            tok.copy_((fused.step(tok, cache) if fused else model(tok, None, cache))[:, -1:].argmax(-1))
+            logits = fused.step(tok, cache) if fused else model(tok, None, cache)
+            tok.copy_(logits[:, -1:].argmax(-1))
         return step
 
     steps, capture_s = [step_at(p) for p in positions], 0.0
@@ -426,7 +456,8 @@ def generation_ms(model, tokens, images, n_new, layers=None, graphs=False, fused
         if graphs:  # captures only record; the first one's warm-up writes are overwritten later
             t0 = time.time()
             g0, _ = capture(steps[0], warmup=1)
-            steps = [g0.replay] + [capture(s, pool=g0.pool(), warmup=0)[0].replay for s in steps[1:]]
+            steps = [g0.replay] + [capture(s, pool=g0.pool(), warmup=0)[0].replay
+                                   for s in steps[1:]]
             capture_s = time.time() - t0
         events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
         torch.cuda.synchronize()
@@ -458,13 +489,14 @@ def run_prompt(args):
     ids = expand_image_placeholder(ids, tiles * cfg.n_img_tokens)
     tokens = torch.tensor([ids], device=dev)
     images = torch.rand(tiles, 3, cfg.img_size, cfg.img_size, device=dev) * 2 - 1
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, batch 1; prompt "
-          f"{tokens.shape[1]} tokens ({tiles * cfg.n_img_tokens} visual), {args.new_tokens} new tokens")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, batch 1; "
+          f"prompt {tokens.shape[1]} tokens ({tiles * cfg.n_img_tokens} visual), "
+          f"{args.new_tokens} new tokens")
     torch._dynamo.config.recompile_limit = 64
     rows = []
     for kind in args.models.split(","):
         model = build(cfg, kind, dev, torch.bfloat16)
-        compiled = None if args.no_compile else nn.ModuleList(torch.compile(l) for l in model.layers)
+        compiled = None if args.no_compile else nn.ModuleList(map(torch.compile, model.layers))
         fused = None if args.no_fused else Decoder(model)
         row = {"model": kind, "prompt_tokens": tokens.shape[1], "new_tokens": args.new_tokens}
         ways = [("eager", None, False, None), ("graph", None, True, None)] \
@@ -472,7 +504,8 @@ def run_prompt(args):
             + ([("fused", None, True, fused)] if fused is not None else [])
         for way, layers, graphs, dec in ways:
             generation_ms(model, tokens, images, 4, layers, fused=dec)   # warm-up; compiles
-            prefill, decode, cap = generation_ms(model, tokens, images, args.new_tokens, layers, graphs, dec)
+            prefill, decode, cap = generation_ms(model, tokens, images, args.new_tokens, layers,
+                                                 graphs, dec)
             row.update({"prefill_ms": prefill, f"{way}_decode_ms": decode, f"{way}_capture_s": cap,
                         f"{way}_tok_s": args.new_tokens / ((prefill + decode) * 1e-3)})
             print(f"  {kind} {way}: prefill {prefill:.1f} ms, decode {decode:.1f} ms, "
@@ -487,9 +520,11 @@ def run_prompt(args):
              + [fmt(r, f"{w}_decode_ms", ".1f") for w in WAYS]
              + [fmt(r, f"{w}_tok_s", ".1f") for w in WAYS]
              + [PAPER_TOK_S[r["model"]]] for r in rows]
-    print(f"\n## Table 2 protocol, {torch.cuda.get_device_name()} (tok/s = new tokens / (prefill + decode))\n")
-    print(markdown(["model", "prompt", "prefill ms (last way)", "decode ms eager", "graph", "compiled",
-                    "fused", "tok/s eager", "graph", "compiled", "fused", "tok/s paper (4090)"], lines))
+    print(f"\n## Table 2 protocol, {torch.cuda.get_device_name()} "
+          "(tok/s = new tokens / (prefill + decode))\n")
+    print(markdown(["model", "prompt", "prefill ms (last way)", "decode ms eager", "graph",
+                    "compiled", "fused", "tok/s eager", "graph", "compiled", "fused",
+                    "tok/s paper (4090)"], lines))
 
 
 def run_kernel(args):
@@ -507,12 +542,14 @@ def run_curves(args):
         if name.endswith(".pt"):
             curves[name[:-3]] = load_checkpoint(os.path.join(args.run_dir, name)).get("losses", [])
     if not curves:
-        raise InputError(f"no checkpoints in {args.run_dir}: run 'python distill.py --out-dir {args.run_dir}' first")
+        raise InputError(f"no checkpoints in {args.run_dir}: run "
+                         f"'python distill.py --out-dir {args.run_dir}' first")
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "losses.json"), "w") as f:
         json.dump(curves, f)
     for name, ys in curves.items():
-        print(f"{name:<16} {len(ys):>6} steps, loss {ys[0] if ys else float('nan'):.4g} -> {ys[-1] if ys else float('nan'):.4g}")
+        first, last = (ys[0], ys[-1]) if ys else (float("nan"),) * 2
+        print(f"{name:<16} {len(ys):>6} steps, loss {first:.4g} -> {last:.4g}")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -536,13 +573,16 @@ def run_curves(args):
 
 
 def main():
-    p = ArgumentParser(description="mmMamba speed and memory (PAPER.md section 6), and training curves")
-    p.add_argument("what", choices=["decode", "prompt", "kernel", "curves"], help="which benchmark to run "
-                   "('curves' plots the losses of a distill.py run)")
+    p = ArgumentParser(description="mmMamba speed and memory (arXiv 2502.13145 Sec. 4), and "
+                       "training curves")
+    p.add_argument("what", choices=["decode", "prompt", "kernel", "curves"],
+                   help="which benchmark to run ('curves' plots the losses of a distill.py run)")
     p.add_argument("--run-dir", default="out", help="curves: the --out-dir of a distill.py run")
-    p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="decode: context lengths")
+    p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)),
+                   help="decode: context lengths")
     p.add_argument("--quick", action="store_true", help="decode: only 1K, 32K and 103K")
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: teacher,hybrid,linear")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="comma-separated: teacher,hybrid,linear")
     p.add_argument("--preset", default="paper", choices=list(PRESETS), help="model dimensions")
     p.add_argument("--iters", type=int, default=100, help="decode: timed graph replays per point")
     p.add_argument("--new-tokens", type=int, default=256, help="prompt: tokens to generate")
@@ -561,7 +601,9 @@ def main():
     if unknown:
         raise InputError(f"unknown models {sorted(unknown)}: choose from {','.join(MODELS)}")
     with torch.no_grad():
-        {"decode": run_decode, "prompt": run_prompt, "kernel": run_kernel, "curves": run_curves}[args.what](args)
+        run = {"decode": run_decode, "prompt": run_prompt, "kernel": run_kernel,
+               "curves": run_curves}
+        run[args.what](args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """
 One decoding token of a whole model (teacher, hybrid or linear) in five Triton kernels per
-layer: the fast path of issue #5 (the paper's Figure 1), next to the PyTorch step in
-mmmamba.py that it must reproduce (tests/test_fused_decode.py, in Triton's interpreter).
+layer: the fast path behind the paper's Figure 1 (arXiv 2502.13145 Sec. 4, Fig. 1;
+docs/method.md §7), next to the PyTorch step in mmmamba.py that it must reproduce
+(tests/test_fused_decode.py, in Triton's interpreter).
 
 Why a separate path: at batch 1 every weight is read once per token and used once, so a
 step can go no faster than reading the weights (4.4-4.7 GB for the paper preset). The
@@ -17,14 +18,17 @@ matmul carries the elementwise work before and after it:
     4 RMSNorm -> [w1 w3] -> silu(a) * b              4, 5 the same MLP
     5 w2 -> + residual
 and the final RMSNorm -> LM head. Each matmul is a matrix-vector product: a program owns
-BR rows of the weight and walks the whole input in blocks of BK (fp32 accumulation).
+BR rows of the weight and walks the whole input in blocks of BK (fp32 accumulation). The
+projections that read the same input are stacked into one matrix (pack_for_decoding).
 
 Glossary as mmmamba.py: D d_model, H / Hkv heads, hd head dim (P = N), F d_mlp, V vocab,
 K conv width; "rows" are output features, the weight is (rows, D) row-major.
 """
 import os
+import weakref
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import scan_kernel as sk
@@ -180,6 +184,56 @@ def _mamba_in_kernel(w_ptr, u_ptr, g_ptr, conv_ptr, cw_ptr, cb_ptr, out_ptr, N, 
 
 
 # -----------------------------------------------------------------------------
+# weight packing: one matrix per group of projections that read the same input
+
+_PACKED = weakref.WeakKeyDictionary()          # module -> the matrix its group's weights view
+
+
+def _groups(layer):
+    """(owner, Linear layers read from one input) of a decoder layer: q, k, v; or x, B, C, dt,
+    gate; and the MLP's w1, w3. The row order is the kernels' (_qkv_kernel, _mamba_in_kernel)."""
+    m, mlp = layer.mixer, layer.mlp
+    mixer = ((m.q_proj, m.k_proj, m.v_proj) if isinstance(m, Attention) else
+             (m.x_proj, m.b_proj, m.c_proj, m.dt_proj, m.g_proj))
+    return (m, mixer), (mlp, (mlp.w1, mlp.w3))
+
+
+def _packed_intact(w, group):
+    """Are the group's weights still consecutive row blocks of w (not replaced by .to() or
+    by assigning new parameters since packing)?"""
+    offset = 0
+    for lin in group:
+        p = lin.weight
+        if p.dtype != w.dtype or p.device != w.device or p.data_ptr() != w.data_ptr() + offset:
+            return False
+        offset += p.numel() * p.element_size()
+    return offset == w.numel() * w.element_size()
+
+
+@torch.no_grad()
+def pack_for_decoding(model):
+    """Inference only, after .to(device, dtype): stack the weights of each group of
+    projections that read the same input into one matrix and make each weight a view of its
+    rows, so that a group is one matmul (at one token a launch costs ~3 us before it moves a
+    byte, and these are small: docs/bench_log.md). The parameters and state_dict stay the
+    same and no memory is added; the model's own forward is unchanged. Returns, per layer,
+    (the mixer's matrix, the MLP's [w1; w3]). Packing a packed model again costs nothing."""
+    out = []
+    for layer in model.layers:
+        mats = []
+        for owner, group in _groups(layer):
+            w = _PACKED.get(owner)
+            if w is None or not _packed_intact(w, group):
+                w = torch.cat([lin.weight for lin in group])
+                for lin, rows in zip(group, w.split([lin.out_features for lin in group])):
+                    lin.weight = nn.Parameter(rows, requires_grad=lin.weight.requires_grad)
+                _PACKED[owner] = w
+            mats.append(w)
+        out.append(tuple(mats))
+    return out
+
+
+# -----------------------------------------------------------------------------
 # launching: one Decoder per model, one step per token
 
 
@@ -193,78 +247,83 @@ def _settings(kind, K, pdl, GS=1):
 class Decoder:
     """decoder.step(token, cache) == model(token, None, cache) for a (1, 1) token, in five
     kernels per layer. Needs triton, CUDA (or TRITON_INTERPRET=1 with float32), batch 1, and
-    head_dim a power of two. The weights are read where they are (pack_for_decoding first,
-    done here if needed), but A = -exp(A_log) is taken once: after changing the weights, make
-    a new Decoder."""
+    head_dim a power of two. The weights are read where they are (packed here), but A =
+    -exp(A_log) and the gated norm's weight repeated per head are taken once: after changing
+    the weights, make a new Decoder."""
 
     def __init__(self, model):
         cfg = self.cfg = model.cfg
         if not HAS_TRITON:
             raise InputError("the fused decoder needs the triton package: pip install triton")
         if cfg.head_dim & (cfg.head_dim - 1):
-            raise InputError(f"the fused decoder needs head_dim a power of two, got {cfg.head_dim}: "
-                             "decode with the model itself")
+            raise InputError(f"the fused decoder needs head_dim a power of two, got "
+                             f"{cfg.head_dim}: decode with the model itself")
         p = model.output.weight
         if not p.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise InputError("the fused decoder runs on a CUDA GPU (on the CPU only in Triton's "
                              "interpreter: TRITON_INTERPRET=1 before Python starts, slow)")
         if p.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise InputError(f"the fused decoder runs fp16, bf16 or fp32 models, not {p.dtype}")
-        if any(layer.mlp.packed is None for layer in model.layers):
-            model.pack_for_decoding()
-        self.model = model
+        self.model, self.packed = model, pack_for_decoding(model)
         self.pdl = PDL and p.is_cuda and torch.cuda.get_device_capability(p.device)[0] >= 9
-        hd = cfg.head_dim
-        # the RoPE frequencies, computed as mmmamba.rope computes them (same fp32 angles)
-        self.freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=p.device, dtype=torch.float32) / hd)
-        # Mamba-2's A = -exp(a) per layer, once (the step kernel takes A)
-        self.A = [None if isinstance(l.mixer, Attention) else -torch.exp(l.mixer.A_log.float())
-                  for l in model.layers]
+        hd, self.extra = cfg.head_dim, []
+        for layer in model.layers:
+            m = layer.mixer
+            if isinstance(m, Attention):
+                # the RoPE frequencies of this layer's base (HoVLE's two stacks differ), as
+                # mmmamba.rope computes them (same fp32 angles)
+                exps = torch.arange(0, hd, 2, device=p.device, dtype=torch.float32) / hd
+                self.extra.append(1.0 / m.rope_theta ** exps)
+            else:
+                # Mamba-2's A = -exp(a) (the step kernel takes A), and the gated norm's one
+                # [hd] weight repeated for every head (the out kernel indexes it by channel)
+                self.extra.append((-torch.exp(m.A_log.float()), m.norm.weight.repeat(cfg.n_head)))
 
-    def _linear(self, w, u, out, kind, norm=0, g=None, z=None, residual=False):
+    def _linear(self, w, u, out, kind, norm=0, g=None, z=None, residual=False, eps=0.0):
         N, K = w.shape
         GS = self.cfg.head_dim if norm == 2 else 1
         BR, BK, opts = _settings(kind, K, self.pdl, GS)
-        _linear_kernel[(triton.cdiv(N, BR),)](w, u, g if g is not None else u, z if z is not None else u,
-                                              out, N, K, self.cfg.norm_eps, BR=BR, BK=BK, NORM=norm,
+        g, z = (t if t is not None else u for t in (g, z))               # unread pointers
+        _linear_kernel[(triton.cdiv(N, BR),)](w, u, g, z, out, N, K, eps, BR=BR, BK=BK, NORM=norm,
                                               GS=GS, RESIDUAL=residual, **opts)
 
-    def _attention(self, layer, x, c, pos):
+    def _attention(self, layer, w, x, c, pos, freq):
         cfg, m = self.cfg, layer.mixer
         H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         BR, BK, opts = _settings("qkv", cfg.d_model, self.pdl)
         q = torch.empty(H * hd, device=x.device, dtype=x.dtype)
+        norm = layer.attention_norm
         _qkv_kernel[(triton.cdiv((H + 2 * Hkv) * hd // 2, BR // 2),)](
-            m.packed, x, layer.attention_norm.weight, self.freq, q, c["k"], c["v"], pos,
-            c["k"].shape[2], cfg.d_model, cfg.norm_eps, H=H, HKV=Hkv, HD=hd, BR=BR // 2, BK=BK, **opts)
+            w, x, norm.weight, freq, q, c["k"], c["v"], pos, c["k"].shape[2], cfg.d_model,
+            norm.eps, H=H, HKV=Hkv, HD=hd, BR=BR // 2, BK=BK, **opts)
         y = F.scaled_dot_product_attention(q.view(1, H, 1, hd), c["k"][:, :, :pos + 1],
                                            c["v"][:, :, :pos + 1], enable_gqa=True)
         self._linear(m.o_proj.weight, y.reshape(-1), x, "out", residual=True)
 
-    def _mamba(self, layer, x, c, A):
+    def _mamba(self, layer, w, x, c, A, norm_weight):
         cfg, m = self.cfg, layer.mixer
         H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         BR, BK, opts = _settings("in", cfg.d_model, self.pdl)
-        N, conv_dim = m.packed.shape[0], m.conv_dim
-        zx = torch.empty(N, device=x.device, dtype=torch.float32)          # [x B C] conv'd, dt, gate
+        N, conv_dim = w.shape[0], m.conv_dim
+        zx = torch.empty(N, device=x.device, dtype=torch.float32)      # [x B C] conv'd, dt, gate
         _mamba_in_kernel[(triton.cdiv(N, BR),)](
-            m.packed, x, layer.attention_norm.weight, c["conv"], m.conv1d.weight, m.conv1d.bias, zx,
-            N, cfg.d_model, conv_dim, cfg.norm_eps, KC=cfg.conv_kernel, BR=BR, BK=BK, **opts)
+            w, x, layer.attention_norm.weight, c["conv"], m.conv1d.weight, m.conv1d.bias, zx,
+            N, cfg.d_model, conv_dim, layer.attention_norm.eps, KC=cfg.conv_kernel, BR=BR, BK=BK,
+            **opts)
         y = torch.empty(H * hd, device=x.device, dtype=torch.float32)
         BP = min(STEP_BP, sk._pow2(hd))
         sk._step_kernel[(H, triton.cdiv(hd, BP))](
-            c["ssm"], c["ssm"], zx, zx[conv_dim:], m.dt_bias, A, zx[Hkv * hd:], zx[2 * Hkv * hd:], y,
-            H, hd, hd, BP=BP, BN=sk._pow2(hd), HAS_BIAS=True, REP=H // Hkv, num_warps=4)
-        self._linear(m.o_proj.weight, y, x, "out", norm=2, g=m.norm.weight, z=zx[conv_dim + H:],
-                     residual=True)
+            c["ssm"], c["ssm"], zx, zx[conv_dim:], m.dt_bias, A, zx[Hkv * hd:], zx[2 * Hkv * hd:],
+            y, H, hd, hd, BP=BP, BN=sk._pow2(hd), HAS_BIAS=True, REP=H // Hkv, num_warps=4)
+        self._linear(m.o_proj.weight, y, x, "out", norm=2, g=norm_weight, z=zx[conv_dim + H:],
+                     residual=True, eps=m.norm.eps)
 
-    def _mlp(self, layer, x):
-        w = layer.mlp.packed
+    def _mlp(self, layer, w, x):
         F_, K = w.shape[0] // 2, w.shape[1]
         BR, BK, opts = _settings("mlp", K, self.pdl)
         h = torch.empty(F_, device=x.device, dtype=x.dtype)
         _swiglu_kernel[(triton.cdiv(F_, BR // 2),)](w, x, layer.ffn_norm.weight, h, F_, K,
-                                                    self.cfg.norm_eps, BR=BR // 2, BK=BK, **opts)
+                                                    layer.ffn_norm.eps, BR=BR // 2, BK=BK, **opts)
         self._linear(layer.mlp.w2.weight, h, x, "w2", residual=True)
 
     @torch.no_grad()
@@ -278,14 +337,16 @@ class Decoder:
         if pos + 1 > cache.max_len:
             raise InputError(f"position {pos} is past the cache's {cache.max_len} tokens: make a "
                              "larger cache (model.new_cache(1, max_len))")
-        x = model.tok_embeddings.weight[token.view(1)].view(-1)            # (D,) the residual stream
-        for layer, c, A in zip(model.layers, cache.layers, self.A):
-            if A is None:
-                self._attention(layer, x, c, pos)
+        x = model.tok_embeddings.weight[token.view(1)].view(-1)        # (D,) the residual stream
+        for layer, c, (w_mix, w_mlp), extra in zip(model.layers, cache.layers, self.packed,
+                                                   self.extra):
+            if layer.kind == "A":
+                self._attention(layer, w_mix, x, c, pos, extra)
             else:
-                self._mamba(layer, x, c, A)
-            self._mlp(layer, x)
+                self._mamba(layer, w_mix, x, c, *extra)
+            self._mlp(layer, w_mlp, x)
         logits = torch.empty(model.output.weight.shape[0], device=x.device, dtype=x.dtype)
-        self._linear(model.output.weight, x, logits, "head", norm=1, g=model.norm.weight)
+        self._linear(model.output.weight, x, logits, "head", norm=1, g=model.norm.weight,
+                     eps=model.norm.eps)
         cache.pos += 1
         return logits.view(1, 1, -1)

@@ -3,9 +3,10 @@
 CPU (CI): the kernels in Triton's interpreter, float32, against the same model in float64:
 the logits and every cache entry the step writes (K and V at pos, the conv and SSM states),
 on awkward sizes (widths and vocabularies that are not powers of two, grouped and ungrouped
-heads, conv widths 2 and 3), and greedy decoding against Model.generate. Every weight and
-cache entry is random, never zeros or the ones of a fresh RMSNorm. GPU: bf16 at the paper's
-layer shapes, compiled kernels inside a CUDA graph.
+heads, conv widths 2 and 3, HoVLE's two stacks with their own RoPE base and norm eps), and
+greedy decoding against Model.generate. Every weight and cache entry is random, never zeros
+or the ones of a fresh RMSNorm. GPU: bf16 at the paper's layer shapes, compiled kernels
+inside a CUDA graph. On any machine: the weight packing changes nothing but speed.
 """
 import copy
 import os
@@ -32,6 +33,11 @@ CASES = {
     "conv-3-ungrouped": replace(BASE, layout="MAM", n_kv_head=4, conv_kernel=3),
     "odd-widths": replace(BASE, n_layer=2, layout="MA", d_model=80, d_mlp=200, vocab_size=257,
                           n_head=2, n_kv_head=1, head_dim=32),
+    # layers 0-1 are the embedding stack: RoPE base 300 and eps 2e-3; layer 2 base 1e6 and eps
+    # 3e-2. Any kernel given another layer's base or eps (the gated norm's is 1e-5 whatever)
+    # is off by 7e-3 to 1.5 (measured by swapping each in turn), far above the 1e-5 allowed.
+    "embedding-stack": replace(BASE, n_embed_layer=2, embed_rope_theta=300.0, embed_norm_eps=2e-3,
+                               rope_theta=1e6, norm_eps=3e-2),
 }
 
 
@@ -42,7 +48,7 @@ def random_model(cfg, device="cpu", dtype=torch.float32, seed=0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))                  # not the ones of a fresh norm
+                p.copy_(1 + 0.3 * torch.randn_like(p))          # not the ones of a fresh norm
             elif "A_log" not in name and "dt_bias" not in name:        # those are random already
                 p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.3)
     return model.to(dtype).eval()
@@ -86,7 +92,7 @@ def test_greedy_decoding_matches_generate():
     cache = model.new_cache(1, 16)
     logits, got, dec = model(prompt, None, cache)[:, -1:], [], fd.Decoder(model)
     for _ in range(6):
-        logits[..., :6] = -torch.inf                                    # generate never picks these ids
+        logits[..., :6] = -torch.inf                            # generate never picks these ids
         got.append(int(logits.argmax()))
         logits = dec.step(torch.tensor([[got[-1]]]), cache)
     assert got == want, f"fused greedy tokens {got} != Model.generate {want}"
@@ -120,8 +126,8 @@ def test_gpu_bf16_paper_shapes_in_a_graph(layout):
     cfg = replace(Config(n_layer=2, d_model=2048, n_head=16, n_kv_head=8, head_dim=128, d_mlp=8192,
                          vocab_size=32003, max_seq_len=4096, rope_theta=1e6), layout=layout)
     model = random_model(cfg, "cuda", torch.bfloat16)
-    ref = copy.deepcopy(model).double()                                 # the bf16 weights, in float64
-    model.pack_for_decoding()
+    ref = copy.deepcopy(model).double()                         # the bf16 weights, in float64
+    fd.pack_for_decoding(model)
     token = torch.tensor([[11]], device="cuda")
     dec = fd.Decoder(model)
     dec.step(token, random_caches([model], 3000, 2500)[0])             # compile outside the capture
@@ -132,9 +138,50 @@ def test_gpu_bf16_paper_shapes_in_a_graph(layout):
     graph.replay()
     eager_logits, want_logits = model(token, None, eager), ref(token, None, want)
     err, eager_err = rel(logits, want_logits), rel(eager_logits, want_logits)
-    assert err <= 1.25 * eager_err + 1e-3, f"fused bf16 logits {err:.3g} off float64, PyTorch bf16 {eager_err:.3g}"
+    assert err <= 1.25 * eager_err + 1e-3, \
+        f"fused bf16 logits {err:.3g} off float64, PyTorch bf16 {eager_err:.3g}"
     errs = {f"layer {i} {key}": rel(c[key], w[key])
             for i, (c, w) in enumerate(zip(fused.layers, want.layers)) for key in c}
     bad = {k: v for k, v in errs.items() if not v < 2e-2}
     assert not bad, f"bf16 fused step wrote caches off the float64 model: {bad}"
     assert fused.pos == 2501
+
+
+def test_packing_changes_nothing_but_speed():
+    """pack_for_decoding stacks each group of projections into one matrix: the parameters
+    become views of it (no copy kept, the same state_dict), the model decodes exactly as
+    before, packing again reuses the matrices, and after .to() it packs anew."""
+    for layout in ("AAA", "MAM"):
+        model = random_model(replace(BASE, layout=layout)).double()
+        keys = {k: v.clone() for k, v in model.state_dict().items()}
+        g = torch.Generator().manual_seed(1)
+        tokens = torch.randint(6, BASE.vocab_size, (1, 9), generator=g)
+        outs = []
+        for packed in (False, True):
+            if packed:
+                mats = fd.pack_for_decoding(model)
+            cache = model.new_cache(1)
+            prefill = model(tokens[:, :5], None, cache)
+            steps = [model(tokens[:, t:t + 1], None, cache) for t in range(5, 9)]
+            outs.append(torch.cat([prefill] + steps, 1))
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+        after = model.state_dict()
+        assert after.keys() == keys.keys()
+        assert all(torch.equal(after[k], v) for k, v in keys.items())
+        for layer, (w_mix, w_mlp) in zip(model.layers, mats):
+            m = layer.mixer
+            group = ((m.q_proj, m.k_proj, m.v_proj) if layer.kind == "A" else
+                     (m.x_proj, m.b_proj, m.c_proj, m.dt_proj, m.g_proj))
+            assert torch.equal(w_mix, torch.cat([lin.weight for lin in group]))
+            assert all(lin.weight.untyped_storage().data_ptr() == w_mix.untyped_storage().data_ptr()
+                       for lin in group)
+            assert torch.equal(w_mlp, torch.cat([layer.mlp.w1.weight, layer.mlp.w3.weight]))
+            assert layer.mlp.w3.weight.data_ptr() == w_mlp[BASE.d_mlp:].data_ptr()
+        again = fd.pack_for_decoding(model)
+        assert all(a[0] is b[0] and a[1] is b[1] for a, b in zip(again, mats))
+        model.float()                                          # new tensors: the views are gone
+        anew = fd.pack_for_decoding(model)
+        assert anew[0][0].dtype == torch.float32 and anew[0][0] is not mats[0][0]
+        first = model.layers[0].mixer
+        first = first.q_proj if isinstance(first, fd.Attention) else first.x_proj
+        assert first.weight.data_ptr() == anew[0][0].data_ptr()
