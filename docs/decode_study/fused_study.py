@@ -1,8 +1,10 @@
-# issue #5 study (docs/bench_log.md, "v4"): fused_decode.py on the paper preset, one H100.
+# Study of the fused decode step (docs/bench_log.md, "v4"; arXiv 2502.13145 Fig. 1;
+# docs/method.md §7): fused_decode.py on the paper preset, one H100.
 #   sweep     the launch settings (fused_decode.CONFIG), one matrix kind at a time, whole-step time
 #   pdl       programmatic dependent launch off / on, and the SSM step's rows per program
 #   accuracy  logits of the fused and the PyTorch bf16 step against the model in float64
-# run on a GPU from the repository root: python docs/decode_study/fused_study.py [sweep] [pdl] [accuracy]
+# run on a GPU from the repository root:
+#   python docs/decode_study/fused_study.py [sweep] [pdl] [accuracy]
 # writes docs/decode_study/fused_study.json (or $OUT/fused_study.json)
 import copy, json, os, sys, time
 sys.path[:0] = [".", "tests"]
@@ -21,7 +23,8 @@ tok = torch.tensor([[11]], device=dev)
 
 
 def step_ms(model, context, pdl=None, iters=40):
-    """Median ms of the fused step at `context`, captured in a CUDA graph (new Decoder: new settings)."""
+    """Median ms of the fused step at `context`, captured in a CUDA graph (a new Decoder: new
+    settings)."""
     dec = fd.Decoder(model)
     dec.pdl = dec.pdl if pdl is None else pdl
     cache = random_caches([model], context + 1, context)[0]
@@ -38,15 +41,17 @@ def floor_ms(model, context):
 
 if "sweep" in sys.argv:
     log["sweep"] = []
-    for kind_model, context, kinds in [("linear", 1024, ["mlp", "in", "w2", "out", "head"]), ("teacher", 8192, ["qkv"])]:
+    for kind_model, context, kinds in [("linear", 1024, ["mlp", "in", "w2", "out", "head"]),
+                                       ("teacher", 8192, ["qkv"])]:
         model = bench.build(cfg, kind_model, dev, torch.bfloat16)
         best_ms = step_ms(model, context)
-        print(f"{kind_model} {context}: {best_ms:.4f} ms at {fd.CONFIG} (floor {floor_ms(model, context):.4f})", flush=True)
+        print(f"{kind_model} {context}: {best_ms:.4f} ms at {fd.CONFIG} "
+              f"(floor {floor_ms(model, context):.4f})", flush=True)
         for kind in kinds:
             K = cfg.d_mlp if kind == "w2" else cfg.d_model
             keep = fd.CONFIG[kind]
-            for cand in [(br, bk, w) for br in (4, 8, 16, 32) for bk in (512, 1024, 2048, 4096) for w in (4, 8)
-                         if bk <= K]:
+            for cand in [(br, bk, w) for br in (4, 8, 16, 32) for bk in (512, 1024, 2048, 4096)
+                         for w in (4, 8) if bk <= K]:
                 fd.CONFIG[kind] = cand
                 ms = step_ms(model, context)
                 log["sweep"].append([kind_model, context, kind, cand, ms])
@@ -63,8 +68,10 @@ if "pdl" in sys.argv:
     log["pdl"] = {}
     for kind, context in [("linear", 1024), ("hybrid", 8192), ("teacher", 1024), ("teacher", 8192)]:
         model = bench.build(cfg, kind, dev, torch.bfloat16)
-        off, on = step_ms(model, context, pdl=False, iters=100), step_ms(model, context, pdl=True, iters=100)
-        log["pdl"][f"{kind} {context}"] = {"off_ms": off, "on_ms": on, "floor_ms": floor_ms(model, context)}
+        off = step_ms(model, context, pdl=False, iters=100)
+        on = step_ms(model, context, pdl=True, iters=100)
+        log["pdl"][f"{kind} {context}"] = {"off_ms": off, "on_ms": on,
+                                           "floor_ms": floor_ms(model, context)}
         print(f"{kind} {context}: PDL off {off:.4f} ms, on {on:.4f} ms", flush=True)
         if kind == "linear":
             keep = fd.STEP_BP
@@ -83,9 +90,12 @@ if "accuracy" in sys.argv:
         model = bench.build(cfg, kind, dev, torch.bfloat16)
         ref = copy.deepcopy(model).double()
         fused, eager, want = random_caches([model, model, ref], 8193, 8192)
-        lf, le, lr = fd.Decoder(model).step(tok, fused), model(tok, None, eager), ref(tok, None, want)
-        log["accuracy"][kind] = {"fused_vs_f64": rel(lf, lr), "torch_bf16_vs_f64": rel(le, lr), "fused_vs_torch": rel(lf, le)}
-        print(f"{kind} 8K: logits vs float64: fused {rel(lf, lr):.4f}, PyTorch bf16 {rel(le, lr):.4f}", flush=True)
+        lf, le = fd.Decoder(model).step(tok, fused), model(tok, None, eager)
+        lr = ref(tok, None, want)
+        log["accuracy"][kind] = {"fused_vs_f64": rel(lf, lr), "torch_bf16_vs_f64": rel(le, lr),
+                                 "fused_vs_torch": rel(lf, le)}
+        print(f"{kind} 8K: logits vs float64: fused {rel(lf, lr):.4f}, "
+              f"PyTorch bf16 {rel(le, lr):.4f}", flush=True)
         del model, ref, fused, eager, want
         torch.cuda.empty_cache()
     json.dump(log, open(out, "w"), indent=1)
