@@ -1,22 +1,24 @@
 """
-The paper's ablations (PAPER.md sections 3-5, Tables 3-6) at small scale: each table is a few
-distill.py runs that all start from one trained teacher, and a markdown table of what they reach.
+The paper's ablations (arXiv 2502.13145 Tables 3-6; docs/method.md §8) at small scale: each
+table is a few runs from one trained teacher, and a markdown table of what they reach. Each
+run is composed here from distill.py's own stage functions (`row`), not by flags of distill.py.
 
     python distill.py --preset small --out-dir runs/small      # the teacher (and Table 1)
     python ablate.py --table 3 --run-dir runs/small             # which stages run
     python ablate.py --table all --run-dir runs/small --jobs 4  # Tables 3-6, 4 runs at a time
-    python ablate.py --table 5 --run-dir runs/small --steps3 100 --name short  # other flags go to
-                                                                               # distill.py
+    python ablate.py --table 5 --run-dir runs/small --steps3 100 --name short  # other flags go
+                                                                               # to each run
+    python ablate.py row --out-dir D --stages 1,3               # one run by hand (see row)
 
-table  question                                         runs (each a distill.py process)
+table  question                                         runs
 3      which distillation stages run                    --stages 1,2,3 | 1,3 | 2,3 | 3 | none
-4      how the new Mamba-2 parameters start (seed.py)   --init scratch | inherit | mimic
-5      how many attention layers the hybrid keeps       --stage 3 --attn-layers ... (0, 1, 2, 4 of 8)
+4      how the new Mamba-2 parameters start (seed.py)   --stages 1,2,3 --init scratch|inherit|mimic
+5      how many attention layers the hybrid keeps       --from-stage2 --stages 3 --attn-layers ...
 6      where the kept layers sit                        head/tail, stacked/interleaved
 Tables 5 and 6 start stage 3 from one shared stage-2 student: RUN_DIR's, or one trained once
-under RUN_DIR/ablate/shared. Each run writes to RUN_DIR/ablate/t{N}-{row}/ (the teacher is a
-link; --name picks another folder than ablate/); a finished run is not repeated; the table
-goes to RUN_DIR/ablate/table{N}.md.
+under RUN_DIR/ablate/shared. Each run is a process of its own writing to
+RUN_DIR/ablate/t{N}-{row}/ (the teacher is a link; --name picks another folder than ablate/);
+a finished run is not repeated; the table goes to RUN_DIR/ablate/table{N}.md.
 A GPU runs a small-preset stage far from full, so --jobs 4 takes about a third of the time.
 """
 import json
@@ -27,13 +29,18 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from tqdm import tqdm
 
-from util import ArgumentParser, InputError, load_checkpoint, run_cli
+import distill
+import evaluate
+from seed import make_hybrid
+from session import cli, open_run
+from util import ArgumentParser, InputError, load_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# the paper's numbers for each row (MME / POPE / TextVQA / SQA-I), PAPER.md sections 3-5
+# the paper's numbers for each row (MME / POPE / TextVQA / SQA-I), arXiv 2502.13145 Tables 3-6
 PAPER = {
     3: {"none": "NaN", "1": "969.8 / 70.6 / 13.5 / 40.8", "2": "1007.1 / 72.9 / 25.5 / 52.1",
         "3": "1188.4 / 83.0 / 40.0 / 63.4", "1+2": "1108.9 / 75.3 / 28.0 / 59.3",
@@ -43,14 +50,18 @@ PAPER = {
         "mimic": "1303.5 / 85.2 / 47.7 / 79.2"},
     5: {0: "1303.5 / 85.2 / 47.7 / 79.2 (0 of 32)", 1: "1304.3 / 85.5 / 48.0 / 79.3 (1 of 32)",
         2: "1318.4 / 86.3 / 48.4 / 79.9 (2 of 32)", 4: "1329.1 / 86.8 / 51.5 / 82.8 (4 of 32)",
-        8: "1371.1 / 86.7 / 55.1 / 86.9 (8 of 32)", "teacher": "1433.5 / 87.6 / 66.0 / 94.8 (32 of 32)"},
-    6: {"tail-stacked": "1305.5 / 85.9 / 53.7 / 79.4", "head-stacked": "1329.4 / 85.9 / 55.0 / 80.8",
-        "tail-interleaved": "1308.3 / 86.1 / 55.0 / 86.5", "head-interleaved": "1371.1 / 86.7 / 55.1 / 86.9"},
+        8: "1371.1 / 86.7 / 55.1 / 86.9 (8 of 32)",
+        "teacher": "1433.5 / 87.6 / 66.0 / 94.8 (32 of 32)"},
+    6: {"tail-stacked": "1305.5 / 85.9 / 53.7 / 79.4",
+        "head-stacked": "1329.4 / 85.9 / 55.0 / 80.8",
+        "tail-interleaved": "1308.3 / 86.1 / 55.0 / 86.5",
+        "head-interleaved": "1371.1 / 86.7 / 55.1 / 86.9"},
 }
 TITLES = {3: "Table 3: which distillation stages run (linear student)",
           4: "Table 4: initialisation of the new Mamba-2 parameters (linear student, stages 1+2+3)",
           5: "Table 5: number of kept attention layers (hybrid, stage 3 from one stage-2 student)",
-          6: "Table 6: placement of the kept attention layers (hybrid, stage 3 from one stage-2 student)"}
+          6: "Table 6: placement of the kept attention layers "
+             "(hybrid, stage 3 from one stage-2 student)"}
 
 
 def layout(n, attn):
@@ -58,34 +69,98 @@ def layout(n, attn):
 
 
 def plan(table, n):
-    """-> runs [(name, distill.py flags, needs the shared stage-2 student)] and rows
+    """-> runs [(name, flags of `row`, needs the shared stage-2 student)] and rows
     [(label, paper key, which record: a function of a results.json record)]."""
-    linear = "M" * n
+    linear, stage3 = "M" * n, ["--from-stage2", "--stages", "3"]
     if table == 3:
-        runs = [(s.replace(",", ""), ["--stages", s], False) for s in ("1,2,3", "1,3", "2,3", "3", "none")]
+        runs = [(s.replace(",", ""), ["--stages", s], False)
+                for s in ("1,2,3", "1,3", "2,3", "3", "none")]
         rows = [(s, s, lambda r, s=s: r["stages"] == s and r["layout"] == linear)
                 for s in ("none", "1", "2", "3", "1+2", "1+3", "2+3", "1+2+3")]
     elif table == 4:
         names = {"scratch": "scratch", "inherit": "inherit Q, K, V", "mimic": "inherit + mimic"}
         runs = [(i, ["--stages", "1,2,3", "--init", i], False) for i in names]
-        rows = [(label, i, lambda r, i=i: r["init"] == i and r["stages"] == "1+2+3" and r["layout"] == linear)
-                for i, label in names.items()]
-    elif table == 5:     # the paper's 0, 1, 2, 4, 8 of 32 layers; ours 0, 1, 2, 4 of 8 (2 of 8 = the hybrid)
+        rows = [(label, i, lambda r, i=i: r["init"] == i and r["stages"] == "1+2+3"
+                 and r["layout"] == linear) for i, label in names.items()]
+    elif table == 5:     # the paper's 0, 1, 2, 4, 8 of 32; ours 0, 1, 2, 4 of 8 (2: the hybrid)
         counts = [k for k in (0, 1, 2, 4, 8) if k <= n // 2]
         kept = {k: list(range(0, n, n // k)) if k else [] for k in counts}
-        runs = [(f"{k}of{n}", ["--stage", "3"] + (["--attn-layers", ",".join(map(str, kept[k]))] if k else []), True)
+        flags = {k: ["--attn-layers", ",".join(map(str, kept[k]))] if k else [] for k in counts}
+        runs = [(f"{k}of{n}", stage3 + flags[k], True) for k in counts]
+        rows = [(f"{k} of {n}: {layout(n, kept[k])}", k * 32 // n,    # the paper's row: same share
+                 lambda r, L=layout(n, kept[k]): r["layout"] == L and r["stage"] == 3)
                 for k in counts]
-        rows = [(f"{k} of {n}: {layout(n, kept[k])}", k * 32 // n, lambda r, L=layout(n, kept[k]): r["layout"] == L
-                 and r["stage"] == 3) for k in counts]           # the paper's row: the same share of layers
         rows.append((f"{n} of {n}: the teacher", "teacher", lambda r: r["model"] == "teacher"))
     elif table == 6:     # where n // 4 kept layers sit (the paper's 8 of 32)
         k, step = n // 4, 4
         places = {"head-stacked": range(k), "tail-stacked": range(n - k, n),
-                  "head-interleaved": range(0, n, step), "tail-interleaved": range(step - 1, n, step)}
-        runs = [(p, ["--stage", "3", "--attn-layers", ",".join(map(str, L))], True) for p, L in places.items()]
-        rows = [(f"{p}: {layout(n, L)}", p, lambda r, L=layout(n, L): r["layout"] == L and r["stage"] == 3)
+                  "head-interleaved": range(0, n, step),
+                  "tail-interleaved": range(step - 1, n, step)}
+        runs = [(p, stage3 + ["--attn-layers", ",".join(map(str, L))], True)
+                for p, L in places.items()]
+        rows = [(f"{p}: {layout(n, L)}", p,
+                 lambda r, L=layout(n, L): r["layout"] == L and r["stage"] == 3)
                 for p, L in places.items()]
     return runs, rows
+
+
+# -----------------------------------------------------------------------------
+# one run: distill.py's stage functions, composed
+
+
+def parse_stages(text):
+    """'1,3' -> [1, 3]; 'none' -> []."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        stages = [int(s) for s in text.split(",")]
+    except ValueError:
+        stages = None
+    if not stages or stages != sorted(set(stages)) or not set(stages) <= {1, 2, 3}:
+        raise InputError(f"--stages {text!r}: give distillation stages in order, e.g. 1,3 or "
+                         "2,3 or 3, or 'none'")
+    return stages
+
+
+def row_args(argv):
+    ap = distill.make_parser()
+    ap.prog, ap.description = "ablate.py row", "One ablation run (see ablate.row)."
+    ap.add_argument("--stages", required=True, help="distillation stages to run, e.g. 1,3, or none")
+    ap.add_argument("--from-stage2", action="store_true",
+                    help="stage 3 starts from OUT/stage2_linear.pt, not the seeded student")
+    args = distill.check_args(ap.parse_args(argv))
+    args.stages = parse_stages(args.stages)
+    if args.from_stage2 and args.stages != [3]:
+        raise InputError("--from-stage2 goes with --stages 3: the stage after stage 2")
+    return args
+
+
+def row(argv):
+    """One run of a table, composed from distill.py's own functions: the stages of --stages in
+    order, each from the student the one before it left. The first starts from the freshly
+    seeded student (--init), or with --from-stage2 from OUT/stage2_linear.pt; 'none' evaluates
+    the seeded student as it is. With --attn-layers, stage 3 trains that hybrid."""
+    args = row_args(argv)
+    torch.manual_seed(args.seed)
+    with open_run(args) as run:
+        teacher = distill.load_teacher(run, trains_teacher=False)
+        hybrid = distill.hybrid_of(args, run.cfg.n_layer) if args.attn_layers is not None else None
+        distill.load_data(run)
+        evaluate.report_teacher(run, teacher)
+        student = distill.load_student(run, 2) if args.from_stage2 else distill.seeded(run, teacher)
+        made = ["1", "2"] if args.from_stage2 else []           # the stages behind `student`
+        if not args.stages:
+            evaluate.report(run, None, "linear", student, 0, stages="none")
+        for stage in args.stages:
+            made.append(str(stage))
+            kind = "hybrid" if stage == 3 and hybrid else "linear"
+            model = make_hybrid(student, teacher, hybrid) if kind == "hybrid" else student
+            student, secs = distill.train_stage(run, stage, kind, model, teacher)
+            evaluate.report(run, stage, kind, student, secs, stages="+".join(made))
+
+
+# -----------------------------------------------------------------------------
+# the tables: runs in processes of their own, then one markdown table
 
 
 def link(src, dst):
@@ -96,8 +171,20 @@ def link(src, dst):
             shutil.copy(src, dst)
 
 
-def distill(out_dir, flags, extra, log):
-    """One distill.py process; its output goes to out_dir/log.txt. Returns its error, or None."""
+def new_run_dir(d, run_dir, stage2=None):
+    """A run's folder: links to the teacher (and the shared stage-2 student), and the
+    teacher's record from RUN_DIR/results.json, so that no run evaluates the teacher again."""
+    os.makedirs(d, exist_ok=True)
+    link(os.path.join(run_dir, "stage0_teacher.pt"), os.path.join(d, "stage0_teacher.pt"))
+    if stage2:
+        link(stage2, os.path.join(d, "stage2_linear.pt"))
+    teacher = [r for r in evaluate.read_results(run_dir) if r["model"] == "teacher"][-1:]
+    if teacher and not os.path.exists(os.path.join(d, "results.json")):
+        evaluate.write_json(os.path.join(d, "results.json"), teacher)
+
+
+def launch(out_dir, flags, extra, log):
+    """One run (`row`) in a process of its own, its output in `log`. Returns its error or None."""
     marker, asked = os.path.join(out_dir, "finished"), " ".join([*flags, *extra])
     if os.path.exists(marker):                  # done before: fine if with the same flags
         with open(marker) as f:
@@ -106,7 +193,8 @@ def distill(out_dir, flags, extra, log):
             return (f"{out_dir} was run with '{before}', not '{asked}': pick another --name "
                     "for these runs, or delete that folder")
         return None
-    cmd = [sys.executable, os.path.join(HERE, "distill.py"), "--out-dir", out_dir, "--resume", *flags, *extra]
+    cmd = [sys.executable, os.path.join(HERE, "ablate.py"), "row", "--out-dir", out_dir,
+           "--resume", *flags, *extra]
     with open(log, "w") as f:
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     if done.returncode:
@@ -124,10 +212,9 @@ def shared_stage2(run_dir, name, extra):
     if os.path.exists(own) and load_checkpoint(own).get("done"):
         return own
     shared = os.path.join(run_dir, name, "shared")
-    os.makedirs(shared, exist_ok=True)
-    link(os.path.join(run_dir, "stage0_teacher.pt"), os.path.join(shared, "stage0_teacher.pt"))
+    new_run_dir(shared, run_dir)
     print(f"no finished {own}: training the shared stage-2 student in {shared}")
-    err = distill(shared, ["--stages", "1,2"], extra, os.path.join(shared, "log.txt"))
+    err = launch(shared, ["--stages", "1,2"], extra, os.path.join(shared, "log.txt"))
     if err:
         raise InputError(err)
     return os.path.join(shared, "stage2_linear.pt")
@@ -136,27 +223,26 @@ def shared_stage2(run_dir, name, extra):
 def run_table(table, args, extra, n):
     t0 = time.time()
     runs, rows = plan(table, n)
-    stage2 = shared_stage2(args.run_dir, args.name, extra) if any(shared for _, _, shared in runs) else None
-    dirs = []
+    stage2 = shared_stage2(args.run_dir, args.name, extra) if any(s for _, _, s in runs) else None
+    dirs = {}                                   # flags -> folder: identical runs run once
     for name, flags, shared in runs:
-        d = os.path.join(args.run_dir, args.name, f"t{table}-{name}")
-        os.makedirs(d, exist_ok=True)
-        link(os.path.join(args.run_dir, "stage0_teacher.pt"), os.path.join(d, "stage0_teacher.pt"))
-        if shared:
-            link(stage2, os.path.join(d, "stage2_linear.pt"))
-        dirs.append((d, flags))
+        if tuple(flags) not in dirs:
+            dirs[tuple(flags)] = d = os.path.join(args.run_dir, args.name, f"t{table}-{name}")
+            new_run_dir(d, args.run_dir, stage2 if shared else None)
     with ThreadPoolExecutor(args.jobs) as pool:
-        jobs = [pool.submit(distill, d, flags, extra, os.path.join(d, "log.txt")) for d, flags in dirs]
-        errors = [e for e in (j.result() for j in tqdm(jobs, desc=f"table {table}", unit="run")) if e]
+        jobs = [pool.submit(launch, d, list(flags), extra, os.path.join(d, "log.txt"))
+                for flags, d in dirs.items()]
+        errors = [e for e in (j.result() for j in tqdm(jobs, desc=f"table {table}", unit="run"))
+                  if e]
     if errors:
         raise InputError(errors[0])
     records = []
-    for d, _ in dirs:
-        with open(os.path.join(d, "results.json")) as f:
-            run = json.load(f)
+    for d in dirs.values():
+        run = evaluate.read_results(d)
         for r in run:       # training time of a student: all the stages that made it in this run
             chain = (r["stages"] or "").split("+")
-            r["train_s"] = sum(x["train_s"] or 0 for x in run if x["stages"] and x["model"] != "teacher"
+            r["train_s"] = sum(x["train_s"] or 0 for x in run
+                               if x["stages"] and x["model"] != "teacher"
                                and chain[:len(x["stages"].split("+"))] == x["stages"].split("+")
                                and (x is r or x["layout"] == "M" * n))
         records += run
@@ -174,26 +260,32 @@ def run_table(table, args, extra, n):
         r = found[-1]
         out.append({"row": label, **r})
         share = f"{r['qa_accuracy'] / teacher:.1%}" if teacher else "-"
-        lines.append(f"| {label} | {r['qa_accuracy']:.3f} | {share} | "
-                     f"{r['caption_loss']:.3f} | {r['train_s'] or 0:.0f} | {PAPER[table].get(key, '-')} |")
-    lines += ["", f"{len(runs)} runs, {time.time() - t0:.0f} s wall-clock (--jobs {args.jobs}), "
+        lines.append(f"| {label} | {r['qa_accuracy']:.3f} | {share} | {r['caption_loss']:.3f} | "
+                     f"{r['train_s'] or 0:.0f} | {PAPER[table].get(key, '-')} |")
+    lines += ["", f"{len(dirs)} runs, {time.time() - t0:.0f} s wall-clock (--jobs {args.jobs}), "
               f"{n}-layer {records[0]['preset']} teacher at {teacher:.3f} QA accuracy", ""]
     text = "\n".join(lines)
     base = os.path.join(args.run_dir, args.name, f"table{table}")
-    for path, body in ((base + ".md", text), (base + ".json", json.dumps(out, indent=1))):
-        with open(path + ".tmp", "w") as f:
-            f.write(body)
-        os.replace(path + ".tmp", path)
+    evaluate.write_json(base + ".json", out)
+    with open(base + ".md.tmp", "w") as f:
+        f.write(text)
+    os.replace(base + ".md.tmp", base + ".md")
     print(text)
 
 
 def main(argv=None):
-    ap = ArgumentParser(description="The paper's ablation tables (3-6), each from one trained teacher.")
-    ap.add_argument("--table", default="all", choices=["3", "4", "5", "6", "all"], help="which table")
-    ap.add_argument("--run-dir", default="out", help="the folder of a distill.py run: its stage0_teacher.pt is used")
-    ap.add_argument("--name", default="ablate", help="the folder under --run-dir for these runs and tables")
-    ap.add_argument("--jobs", type=int, default=1, help="distill.py runs at a time (a GPU fits several small ones)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["row"]:
+        return row(argv[1:])
+    ap = ArgumentParser(description="The paper's ablation tables (3-6), each from one teacher; "
+                        "other flags go to each run (distill.py's).")
+    add = ap.add_argument
+    add("--table", default="all", choices=["3", "4", "5", "6", "all"], help="which table")
+    add("--run-dir", default="out", help="a distill.py run's folder: its teacher is used")
+    add("--name", default="ablate", help="the folder under --run-dir for these runs")
+    add("--jobs", type=int, default=1, help="runs at a time (a GPU fits several small ones)")
     args, extra = ap.parse_known_args(argv)
+    row_args(["--stages", "none", *extra])              # a bad flag fails now, not in every run
     if args.jobs < 1:
         raise InputError(f"--jobs {args.jobs}: give a positive number")
     teacher = os.path.join(args.run_dir, "stage0_teacher.pt")
@@ -206,10 +298,11 @@ def main(argv=None):
                          f"'python distill.py --stage 0 --resume --out-dir {args.run_dir}'")
     n = ckpt["config"]["n_layer"]
     if n < 4 or n % 4:
-        raise InputError(f"the teacher has {n} layers: the ablations need a multiple of 4 (tiny and small presets)")
+        raise InputError(f"the teacher has {n} layers: the ablations need a multiple of 4 "
+                         "(tiny and small presets)")
     for table in ([3, 4, 5, 6] if args.table == "all" else [int(args.table)]):
         run_table(table, args, extra, n)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli(main)
