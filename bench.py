@@ -6,7 +6,8 @@ bf16, batch 1:
     python bench.py decode           # Figure 1: next-token latency and peak memory, 1K..128K
     python bench.py decode --quick   # the same at 1K, 32K and 103K only
     python bench.py prompt           # Table 2: one image (768 tokens) + a prompt, 256 new tokens
-    python bench.py kernel           # the SSD scan kernels (scan_kernel.benchmark)
+    python bench.py kernel           # the SSD scan kernels (scan_fast.benchmark)
+    python bench.py train            # one optimizer step of stages 1-3 at the paper preset
 
 The floor. At batch 1 a decode step does ~2 flops per weight byte, so it is bound by memory:
 it must read every weight once, the K and V of every earlier token in each attention layer,
@@ -572,10 +573,113 @@ def run_curves(args):
     print(f"wrote {os.path.join(args.out_dir, 'loss_curves.png')}")
 
 
+# -----------------------------------------------------------------------------
+# one optimizer step of each distillation stage at scale (docs/benchmarks.md, "Training step")
+
+
+def matmul_params(model, names=None):
+    """Weights of the matmuls one token goes through (every nn.Linear; the patch conv and the
+    embedding table are lookups or tiny), optionally only those whose name has a part in names."""
+    return sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear)
+               and (names is None or set(n.split(".")) & set(names)))
+
+
+def step_flops(stage, teacher, student, trains, batch, length):
+    """Model FLOPs of one step, written out (a matmul of W costs 2 |W| per token forward; its
+    backward 2 |W| for the input's gradient and 2 |W| for the weight's):
+      teacher forward: 2 N_teacher T + causal attention 2 H hd L^2 per layer and sequence;
+      the scan: about T H (4 Q (N + P) + 4 P N) per Mamba-2 layer forward (chunk Q; its
+        backward counted at twice that);
+      stages 1-2 (layer-wise): the student's mixers forward 2 N_mix T, backward only the
+        trainable weights' gradients 2 N_train T (the mixer inputs come from the teacher);
+      stage 3 (KL): the whole student forward 2 N_student T, backward the inputs' gradients
+        through every layer 2 N_student T plus the trainable weights' 2 N_train T."""
+    cfg, T = teacher.cfg, batch * length
+    n_mamba = student.cfg.kinds.count("M")
+    attn = 2 * cfg.n_head * cfg.head_dim * length ** 2 * batch * cfg.n_layer
+    scan = n_mamba * T * cfg.n_head * (4 * cfg.chunk_size * 2 * cfg.head_dim
+                                       + 4 * cfg.head_dim ** 2)
+    n_train = matmul_params(student, [t for t in trains if t.endswith("proj")])
+    if stage in (1, 2):
+        mixers = matmul_params(student, ["x_proj", "b_proj", "c_proj", "dt_proj", "g_proj"])
+        t_fwd = 2 * (matmul_params(teacher) - teacher.output.weight.numel()) * T + attn
+        return t_fwd + 2 * mixers * T + 2 * n_train * T + 3 * scan
+    n_s = matmul_params(student)
+    return 2 * matmul_params(teacher) * T + attn + 4 * n_s * T + 2 * n_train * T + 3 * scan
+
+
+def run_train(args):
+    """Stages 1, 2 and 3 at the paper preset as distill.py runs them (fp32 weights, bf16
+    autocast, AdamW on the trainable part): seconds per step, tokens/s, peak memory, MFU."""
+    import distill
+    from seed import seed_student
+    if not torch.cuda.is_available():
+        raise InputError("bench.py train times the paper preset on a CUDA GPU and none is visible")
+    device, peak = torch.device("cuda"), args.peak_tflops * 1e12
+    cfg = PRESETS[args.preset]
+    B, L = (int(v) for v in args.train_shape.split("x"))
+    torch.manual_seed(0)
+    with device:
+        teacher = Model(cfg).eval().requires_grad_(False)
+    student = seed_student(teacher, "M" * cfg.n_layer)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    text = torch.randint(IM_END_ID + 1, cfg.vocab_size, (B, L), generator=g)
+    n_img = cfg.n_img_tokens
+    tokens = torch.cat([text[:, :1], torch.full((B, n_img), cfg.img_token_id), text[:, 1:]],
+                       1)[:, :L].to(device)                             # one image per sequence
+    images = torch.randn(B, 3, cfg.img_size, cfg.img_size, generator=g).to(device)
+    targets = tokens.roll(-1, 1)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; preset "
+          f"{args.preset}, {B} x {L} tokens with {n_img} image tokens each; MFU against "
+          f"{args.peak_tflops:g} TFLOP/s")
+    rows = []
+    for stage in (1, 2, 3):
+        distill.freeze_for(student, stage)
+        params = [p for p in student.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.05)
+        loss_fn = distill.StageLoss(stage, student)
+        torch.cuda.reset_peak_memory_stats()
+
+        def step():
+            with torch.autocast("cuda", torch.bfloat16):
+                total, count = loss_fn(teacher, tokens, targets, images)
+            (total / count).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            ms = median_ms(step, 5, True, warmup=2)          # steps of ~1 s: few suffice
+        flops = step_flops(stage, teacher, student, distill.RECIPE[stage]["trains"], B, L)
+        rows.append({"stage": stage, "s_per_step": ms / 1e3, "tokens_per_s": B * L / ms * 1e3,
+                     "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
+                     "tflop_per_step": flops / 1e12, "mfu": flops / (ms * 1e-3) / peak,
+                     "trainable_m": sum(p.numel() for p in params) / 1e6})
+        print(rows[-1])
+        del opt, loss_fn
+        for p in student.parameters():
+            p.grad = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    print("\n| stage | trainable | s / step | tokens/s | peak GiB | TFLOP / step | MFU |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['stage']} | {r['trainable_m']:.0f}M | {r['s_per_step']:.3f} | "
+              f"{r['tokens_per_s']:.0f} | {r['peak_gib']:.1f} | {r['tflop_per_step']:.1f} | "
+              f"{r['mfu']:.1%} |")
+    # the paper's recipe: 20K steps a stage at batch 128, 128, 64 (sequences of L tokens)
+    hours = [20000 * batch / B * r["s_per_step"] / 3600
+             for batch, r in zip((128, 128, 64), rows)]
+    print(f"\nthe paper's recipe (20K steps a stage, batch 128/128/64 of {L} tokens) at these "
+          f"speeds: {' + '.join(f'{h:.0f}' for h in hours)} = {sum(hours):.0f} GPU-hours; "
+          f"{sum(hours) / 8:.0f} h on 8 GPUs with torchrun if data parallelism scales")
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "bench_train.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
 def main():
     p = ArgumentParser(description="mmMamba speed and memory (arXiv 2502.13145 Sec. 4), and "
                        "training curves")
-    p.add_argument("what", choices=["decode", "prompt", "kernel", "curves"],
+    p.add_argument("what", choices=["decode", "prompt", "kernel", "curves", "train"],
                    help="which benchmark to run ('curves' plots the losses of a distill.py run)")
     p.add_argument("--run-dir", default="out", help="curves: the --out-dir of a distill.py run")
     p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)),
@@ -594,6 +698,9 @@ def main():
     p.add_argument("--peers", help="kernel: a folder holding mamba_ssm/, fla/, einops/ to time "
                    "beside ours (goes first on sys.path)")
     p.add_argument("--rounds", type=int, default=5, help="kernel: interleaved timing rounds")
+    p.add_argument("--train-shape", default="8x2048", help="train: sequences x tokens")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="train: the GPU's dense bf16 peak for MFU (H100/H200 SXM: 989)")
     p.add_argument("--shapes", default="16x1024,8x2048,4x8192,2x16384,1x65536",
                    help="kernel: batch x length pairs")
     args = p.parse_args()
@@ -602,7 +709,7 @@ def main():
         raise InputError(f"unknown models {sorted(unknown)}: choose from {','.join(MODELS)}")
     with torch.no_grad():
         run = {"decode": run_decode, "prompt": run_prompt, "kernel": run_kernel,
-               "curves": run_curves}
+               "curves": run_curves, "train": run_train}
         run[args.what](args)
 
 
