@@ -11,18 +11,17 @@ batch needs it, so a split of many thousand examples costs almost no memory.
 
 Dimension glossary: B batch, T tokens, S image side (cfg.img_size), Np image tokens.
 """
-import json
 import os
 import random
-import warnings
+import re
 from collections import Counter, defaultdict
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 from mmmamba import PAD_ID, SPECIAL_TOKENS, expand_image_placeholder
-from util import InputError
+from util import InputError, read_image, read_llava
 
 # -----------------------------------------------------------------------------
 # the shapes world: one to three shapes, each of a different kind and colour, in the cells
@@ -146,27 +145,15 @@ def blind_baseline(train, test):
 
 
 def llava_splits(path, image_root):
-    if not os.path.isfile(path):
-        raise InputError(f"no data file at {path}: pass a LLaVA-style JSON list with --data")
-    try:
-        with open(path) as f:
-            records = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not valid JSON ({e}): give a LLaVA-style list of records") from None
+    """(train, test) examples of a LLaVA file. Every record is checked first (util.read_llava:
+    its structure, and that its image opens), so a bad one fails before training starts."""
     train, test = [], []
-    for r, rec in enumerate(records if isinstance(records, list) else [None]):
-        if not isinstance(rec, dict) or "image" not in rec or "conversations" not in rec:
-            raise InputError(f"{path} record {r}: needs 'image' and 'conversations' keys (LLaVA format)")
-        image = os.path.join(image_root, rec["image"])
-        if not os.path.isfile(image):
-            raise InputError(f"{path} record {r}: image {image} not found: check --image-root")
+    for r, rec in enumerate(read_llava(path, image_root)):
         turns = rec["conversations"]
         for human, gpt in zip(turns[0::2], turns[1::2]):
-            if human.get("from") != "human" or gpt.get("from") != "gpt":
-                raise InputError(f"{path} record {r}: turns must alternate 'from': human, gpt")
-            question = human["value"].replace("<image>", "").strip()
-            ex = {"path": image, "question": question, "answer": gpt["value"].strip(),
-                  "template": "llava", "kind": "qa"}
+            question = human["value"].replace("<image>", "").strip()    # prompt_text places it
+            ex = {"path": os.path.join(image_root, rec["image"]), "question": question,
+                  "answer": gpt["value"].strip(), "template": "llava", "kind": "qa"}
             (test if r % 10 == 0 else train).append(ex)
     if not train or not test:
         raise InputError(f"{path}: {len(train)} training and {len(test)} held-out turns; "
@@ -175,55 +162,30 @@ def llava_splits(path, image_root):
 
 
 # -----------------------------------------------------------------------------
-# images: one path from any file Pillow reads to the model's input, shared with sample.py
-
-
-def to_rgb(img):
-    """Any Pillow mode -> RGB. 16/32-bit and float images are stretched to 0..255;
-    transparency is composited onto white; animated images give their first frame."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        a = np.asarray(img, dtype=np.float32)
-        a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6) * 255
-        img = Image.fromarray(a.astype(np.uint8))
-    if img.mode == "P" or img.mode.endswith("A"):                      # P may carry transparency
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return img.convert("RGB")
+# images: any file Pillow reads (util.read_image: first frame, upright, RGB, one-line errors)
+# to the model's input, shared with sample.py
 
 
 def image_tensor(img, size):
-    """PIL image -> (3, S, S) float tensor in [-1, 1] (squashed to a square, not cropped)."""
-    img = to_rgb(img).resize((size, size), Image.BILINEAR)
+    """RGB PIL image -> (3, S, S) float tensor in [-1, 1] (squashed to a square, not cropped)."""
+    img = img.convert("RGB").resize((size, size), Image.BILINEAR)
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())        # (S, S, 3)
     return x.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def load_image(path, size):
-    if os.path.isdir(path):
-        raise InputError(f"{path} is a directory: pass an image file")
-    if not os.path.isfile(path):
-        raise InputError(f"no image at {path}: check the path")
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns about images of over ~89M pixels: a decompression bomb, refuse it
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.seek(0)                                             # first frame of an animation
-                return image_tensor(img, size)
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise InputError(f"{path} is too large to decode safely ({e.args[0].split('.')[0]}): "
-                         "resize it below 89 megapixels first") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{path} is not an image Pillow can read ({type(e).__name__}: "
-                         "missing, truncated or not an image file)") from None
+    return image_tensor(read_image(path), size)
 
 
 def example_image(ex, size):
-    return image_tensor(draw_scene(ex["scene"]), size) if "scene" in ex else load_image(ex["path"], size)
+    if "scene" in ex:
+        return image_tensor(draw_scene(ex["scene"]), size)
+    return load_image(ex["path"], size)
 
 
 # -----------------------------------------------------------------------------
-# the tokenizer and the ChatML template
+# the tokenizer and the ChatML template (arXiv 2502.13145 Sec. 3.1; docs/method.md §1): the
+# image's tokens sit in the user's turn, and only the assistant's answer is scored
 
 
 def prompt_text(question):
@@ -252,13 +214,37 @@ def train_tokenizer(examples, vocab_size):
     tok.train_from_iterator(texts, trainer)
     ids = [tok.token_to_id(s) for s in SPECIAL_TOKENS]
     assert ids == list(range(len(SPECIAL_TOKENS))), f"special token ids {ids}, expected 0..5"
-    assert tok.get_vocab_size() <= vocab_size, f"tokenizer has {tok.get_vocab_size()} > {vocab_size} tokens"
+    assert tok.get_vocab_size() <= vocab_size, f"{tok.get_vocab_size()} tokens > {vocab_size}"
     return tok
+
+
+SPECIAL = re.compile("(" + "|".join(map(re.escape, SPECIAL_TOKENS)) + ")")
+SLOT = "\0"                                        # where the user's text goes in a template
+
+
+def encode_plain(tok, text):
+    """Ids of user text as plain text: typed special tokens ("<|im_end|>", "<pad>") stay text
+    and never become control tokens. The tokenizer matches a special token only as a whole
+    string, so the text is cut one character into every place one starts (overlaps too)."""
+    cuts = [m.start() + 1 for m in re.finditer(f"(?={SPECIAL.pattern})", text)]
+    return [i for a, b in zip([0] + cuts, cuts + [len(text)]) for i in tok.encode(text[a:b]).ids]
+
+
+def encode_chat(tok, template, text):
+    """Ids of template(text): the template's own special tokens from their ids, the rest, with
+    the user's text in it, as plain text (the same ids as tok.encode for harmless text)."""
+    ids = []
+    for j, piece in enumerate(SPECIAL.split(template(SLOT))):   # text, special, text, ...
+        if j % 2:
+            ids.append(SPECIAL_TOKENS.index(piece))
+        else:
+            ids += encode_plain(tok, piece.replace(SLOT, text))
+    return ids
 
 
 def encode_prompt(tok, question, n_img_tokens):
     """Token ids of the user turn and the assistant header, <image> expanded to its slots."""
-    return expand_image_placeholder(tok.encode(prompt_text(question)).ids, n_img_tokens)
+    return expand_image_placeholder(encode_chat(tok, prompt_text, question), n_img_tokens)
 
 
 # -----------------------------------------------------------------------------
@@ -268,7 +254,7 @@ def encode_prompt(tok, question, n_img_tokens):
 def make_batch(examples, tok, cfg, device="cpu"):
     """-> tokens (B, T), targets (B, T) with -1 where nothing is scored, images (B, 3, S, S)."""
     prompts = [encode_prompt(tok, ex["question"], cfg.n_img_tokens) for ex in examples]
-    answers = [tok.encode(answer_text(ex["answer"])).ids for ex in examples]
+    answers = [encode_chat(tok, answer_text, ex["answer"]) for ex in examples]
     T = max(len(p) + len(a) for p, a in zip(prompts, answers)) - 1
     if T > cfg.max_seq_len:
         raise InputError(f"an example of {T} tokens is longer than max_seq_len {cfg.max_seq_len}: "
