@@ -34,19 +34,19 @@ def save_checkpoint(path, ckpt):
     renamed over it. An interrupted save leaves the previous checkpoint intact, and its
     partial temporary file is removed by the next save (or on a failed one: a full disk)."""
     path = str(path)
-    remove_stale_temporaries(path)
     tmp = f"{path}.tmp"
     try:
+        remove_stale_temporaries(path)
         with open(tmp, "wb") as f:
             torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
+    except OSError as e:                           # a full disk, or no folder to write in
+        if os.path.isfile(tmp):
             os.remove(tmp)
         raise InputError(f"could not write {path} ({e.strerror or e}): free some disk space or "
-                         "choose another --out-dir; the previous checkpoint is kept") from None
+                         "choose another folder; the previous checkpoint is kept") from None
 
 
 def remove_stale_temporaries(path):
@@ -165,6 +165,7 @@ def read_image(path, header_only=False):
         raise InputError(f"no image at {path}: check the path")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # Pillow warns of damaged EXIF data: it skips it
             # Pillow only warns about images of over ~89M pixels: a decompression bomb, refuse it
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
@@ -219,7 +220,10 @@ def read_llava(path, image_root):
         if problem is None:
             image = os.path.join(image_root, rec["image"])
             if image not in opened:                    # each file once, however many records
-                opened[image] = image_problem(image)
+                try:
+                    opened[image] = read_image(image, header_only=True)  # None: it opens
+                except InputError as e:
+                    opened[image] = f"{e} (paths are relative to --image-root {image_root})"
             problem = opened[image]
         if problem:
             problems.append(f"record {r}: {problem}")
@@ -227,17 +231,6 @@ def read_llava(path, image_root):
         more = f" (and {len(problems) - 1} more bad records)" if len(problems) > 1 else ""
         raise InputError(f"{path} {problems[0]}{more}")
     return records
-
-
-def image_problem(path):
-    """Why the image at `path` cannot be used, or None (it opens; its pixels are not decoded)."""
-    if not os.path.isfile(path):
-        return f"image {path} not found: check --image-root"
-    try:
-        read_image(path, header_only=True)
-    except InputError as e:
-        return str(e)
-    return None
 
 
 def llava_record_problem(rec):

@@ -1,6 +1,7 @@
 """The data: the shapes world is deterministic, its splits are disjoint and need vision;
 LLaVA JSON loads; the tokenizer keeps the special ids; the loss mask covers the answer only."""
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -109,7 +110,7 @@ def test_llava_json_loads(tmp_path):
 
 def test_llava_errors_are_one_line(tmp_path):
     path = make_llava(tmp_path, n=3)
-    with pytest.raises(InputError, match="not found"):
+    with pytest.raises(InputError, match="no image at .*--image-root"):
         data.llava_splits(str(path), str(tmp_path / "elsewhere"))
     (tmp_path / "bad.json").write_text('[{"image": "imgs/0.png"}]')
     with pytest.raises(InputError, match="conversations"):
@@ -274,3 +275,20 @@ def test_exif_orientation_is_honoured(tmp_path, orientation, corners):
     # top left, top right, bottom left, bottom right
     seen = [colour(x[:, r:r + 2, c:c + 2]) for r in (0, 6) for c in (0, 6)]
     assert " ".join(seen) == corners
+
+
+def test_damaged_exif_is_skipped_quietly(tmp_path):
+    """Damaged EXIF data is ignored, as photo viewers ignore it: the pixels are read, and
+    nothing is printed (a warning would be a second line beside an error)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw = bytearray(exif.tobytes())
+    rng = np.random.default_rng(2)
+    for i in range(8):
+        bad = bytes(raw[:len(raw) - 1 - i]) if i % 2 else bytes(
+            b if rng.random() > 0.3 else rng.integers(0, 256) for b in raw)
+        Image.new("RGB", (20, 10), (200, 0, 0)).save(tmp_path / "bad.jpg", exif=bad)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            x = data.load_image(str(tmp_path / "bad.jpg"), 8)
+        assert x[0].mean() > 0.3 and x[2].mean() < -0.3                       # red, as drawn

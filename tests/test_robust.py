@@ -416,7 +416,7 @@ def test_distill_bad_data_file(tmp_path, monkeypatch, capsys):
     one_line_error(*distill_with('[{"image": "a.png", "conversations": ['), "not valid JSON")
     turns = '[{"from": "human", "value": "<image>\\nhi"}, {"from": "gpt", "value": "yo"}]'
     one_line_error(*distill_with(f'[{{"image": "nowhere.png", "conversations": {turns}}}]'),
-                   "record 0", "nowhere.png", "not found")
+                   "record 0", "no image at", "nowhere.png", "--image-root")
     one_line_error(*distill_with('[{"image": "a.png", "conversations": "hi"}]'),
                    "record 0", "list of turns")
     assert not (tmp_path / "o" / "stage0_teacher.pt").exists()
