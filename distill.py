@@ -363,7 +363,7 @@ def hybrid_of(args, n_layer):
     """The hybrid's layout (Sec. 3.4; docs/method.md §6): --attn-layers, or every K-th layer
     kept as attention (--attn-every K, default 4: the paper's 8 of 32). It must keep a layer
     and replace a layer: all attention is the teacher, all Mamba-2 the linear student."""
-    every = args.attn_every or (None if args.attn_layers is not None else 4)
+    every = 4 if args.attn_every is None and args.attn_layers is None else args.attn_every
     layout = hybrid_layout(n_layer, every, args.attn_layers)
     if "A" not in layout or "M" not in layout:
         raise InputError(f"a hybrid of layout {layout} is the "

@@ -253,6 +253,7 @@ def test_a_finished_stage_is_not_overwritten(run_all, tmp_path, monkeypatch):
     (["--attn-every", "1"], "layout AAAA is the teacher"),
     (["--attn-layers", ""], "layout MMMM is the linear student"),
     (["--attn-layers", "0,1,2,3"], "layout AAAA is the teacher"),
+    (["--attn-every", "0"], "attention every 0 layers is not possible"),
 ])
 def test_a_hybrid_that_is_not_one_fails_before_training(tmp_path, monkeypatch, flags, words):
     with pytest.raises(InputError, match=words):
