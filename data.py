@@ -4,6 +4,8 @@ the LLaVA conversation format, the byte-level BPE tokenizer, and batches for tra
 
 Read in this order: the shapes world (scenes, drawing, conversations, splits), bring your
 own data (LLaVA JSON), images from files, the tokenizer and the chat template, batches.
+The user's text (a question, LLaVA data) is always encoded as plain text: special tokens
+typed into it never become control tokens (encode_plain).
 
 An example is a dict {"scene" or "path", "question", "answer", "kind", "template"}: the
 image is drawn from its scene (shapes world) or read from its path (LLaVA) only when a
@@ -249,6 +251,7 @@ def encode_prompt(tok, question, n_img_tokens):
 
 # -----------------------------------------------------------------------------
 # batches: right-padded, with targets that score only the assistant's answer and <|im_end|>
+# (the answer-only loss of arXiv 2502.13145 Sec. 3.1; docs/method.md §1)
 
 
 def make_batch(examples, tok, cfg, device="cpu"):

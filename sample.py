@@ -28,7 +28,7 @@ def main(argv=None):
     ap.add_argument("--image", required=True, help="any image file Pillow reads (first frame)")
     ap.add_argument("--prompt", type=user_text, default=data.CAPTION, help="the question to ask")
     ap.add_argument("--model", default="linear", choices=list(CKPTS), help="which of --out-dir")
-    ap.add_argument("--out-dir", type=folder, default="out", help="distill.py's checkpoints")
+    ap.add_argument("--out-dir", type=folder, help="distill.py's checkpoints (default: out)")
     ap.add_argument("--ckpt", help="a checkpoint file (overrides --model and --out-dir)")
     ap.add_argument("--temperature", type=number(float, 0, 100), default=0.0,
                     help="0 is greedy; higher samples more freely")
@@ -41,7 +41,7 @@ def main(argv=None):
     # ever colder sampling tends to greedy; below this, logits / temperature overflows float32
     temperature = args.temperature if args.temperature > 1e-6 else 0.0
 
-    path = args.ckpt or os.path.join(args.out_dir, CKPTS[args.model])
+    path = args.ckpt or os.path.join(args.out_dir or "out", CKPTS[args.model])
     ckpt = load_checkpoint(path)
     tok = tokenizer_from_checkpoint(ckpt, path)
     model = model_from_checkpoint(ckpt, path).to(device).eval()
@@ -52,11 +52,12 @@ def main(argv=None):
         raise InputError(f"the prompt is {tokens.shape[1]} tokens, longer than this model's "
                          f"{cfg.max_seq_len - 1}: ask a shorter question")
     n_mamba = cfg.kinds.count("M")
-    data_ = ckpt.get("data", "shapes world")                 # distill.py records its --data
-    trained_on = SHAPES if data_ == "shapes world" else f"the conversations in {data_}"
-    print(f"trained on {trained_on}\n{ckpt.get('kind', 'model')} from {path}: "
-          f"{n_mamba} Mamba-2 + {cfg.n_layer - n_mamba} attention layers ({cfg.kinds}), stage "
-          f"{ckpt.get('stage', '?')}, on {device}", file=sys.stderr)
+    source = ckpt.get("data", "shapes world")                # distill.py records its --data
+    trained_on = SHAPES if source == "shapes world" else f"the conversations in {source}"
+    print(f"trained on {trained_on}\n{ckpt.get('kind', 'model')} from {path}: {n_mamba} Mamba-2 + "
+          f"{cfg.n_layer - n_mamba} attention layers ({cfg.kinds}), stage "
+          f"{ckpt.get('stage', '?')}, on {device}{'' if args.device else ' (autodetected)'}",
+          file=sys.stderr)
 
     print(f"user: {args.prompt}\nassistant: ", end="", flush=True)
     generator = torch.Generator(device).manual_seed(args.seed)
