@@ -122,7 +122,8 @@ def model_from_checkpoint(ckpt, where="the checkpoint", device=None):
         k = diff[0]
         raise InputError(f"{where}: its config does not match its weights ({k}: "
                          f"{got.get(k, 'missing')} in the file, {want.get(k, 'none')} for the "
-                         f"config; {len(diff)} such): write it again with distill.py or seed.py")
+                         f"config; {len(diff)} such): it was written by another version of this "
+                         "code, or edited; write it again with distill.py or seed.py")
     if device != "meta":                               # a check only: nothing to copy
         model.load_state_dict(weights)
     return model
