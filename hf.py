@@ -465,6 +465,15 @@ def prompt_ids(tok, question, n_img_tokens, system=SYSTEM):
     return ids
 
 
+
+def sample_inputs(path, image_path, question, device):
+    """What sample.py --hf needs: the model (float32 on a CPU, the folder's bf16 on a GPU), its
+    tokenizer, one image tile and the prompt ids on `device`, and the id that ends an answer."""
+    model, tok = load_hf(path, torch.float32 if device.type == "cpu" else None, device)
+    image = image_tiles(image_path, tok).to(device)
+    tokens = torch.tensor([prompt_ids(tok, question, model.cfg.n_img_tokens)], device=device)
+    return model, tok, image, tokens, tok.id("<|im_end|>")
+
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet
 
 

@@ -16,6 +16,7 @@ import sys
 import torch
 
 import data
+from mmmamba import IM_END_ID
 from util import (ArgumentParser, InputError, folder, get_device, load_checkpoint,
                   model_from_checkpoint, number, run_cli, tokenizer_from_checkpoint, user_text)
 
@@ -30,6 +31,7 @@ def main(argv=None):
     ap.add_argument("--model", default="linear", choices=list(CKPTS), help="which of --out-dir")
     ap.add_argument("--out-dir", type=folder, help="distill.py's checkpoints (default: out)")
     ap.add_argument("--ckpt", help="a checkpoint file (overrides --model and --out-dir)")
+    ap.add_argument("--hf", help="a HoVLE or released mmMamba folder (docs/real_checkpoints.md)")
     ap.add_argument("--temperature", type=number(float, 0, 100), default=0.0,
                     help="0 is greedy; higher samples more freely")
     ap.add_argument("--top-k", type=number(int, 1), help="sample among the k most likely tokens")
@@ -41,19 +43,24 @@ def main(argv=None):
     # ever colder sampling tends to greedy; below this, logits / temperature overflows float32
     temperature = args.temperature if args.temperature > 1e-6 else 0.0
 
-    path = args.ckpt or os.path.join(args.out_dir or "out", CKPTS[args.model])
-    ckpt = load_checkpoint(path)
-    tok = tokenizer_from_checkpoint(ckpt, path)
-    model = model_from_checkpoint(ckpt, path).to(device).eval()
-    cfg = model.cfg
-    image = data.load_image(args.image, cfg.img_size)[None].to(device)         # (1, 3, S, S)
-    tokens = torch.tensor([data.encode_prompt(tok, args.prompt, cfg.n_img_tokens)], device=device)
+    if args.hf:             # the real teacher or a released student: their tokenizer and template
+        import hf
+        path, ckpt, (model, tok, image, tokens, stop) = args.hf, {"data": "HoVLE's"}, \
+            hf.sample_inputs(args.hf, args.image, args.prompt, device)
+    else:
+        path = args.ckpt or os.path.join(args.out_dir or "out", CKPTS[args.model])
+        ckpt = load_checkpoint(path)
+        tok, stop = tokenizer_from_checkpoint(ckpt, path), IM_END_ID
+        model = model_from_checkpoint(ckpt, path).to(device).eval()
+        image = data.load_image(args.image, model.cfg.img_size)[None].to(device)   # (1, 3, S, S)
+        tokens = torch.tensor([data.encode_prompt(tok, args.prompt, model.cfg.n_img_tokens)])
+    cfg, tokens = model.cfg, tokens.to(device)
     if tokens.shape[1] >= cfg.max_seq_len:
         raise InputError(f"the prompt is {tokens.shape[1]} tokens, longer than this model's "
                          f"{cfg.max_seq_len - 1}: ask a shorter question")
     n_mamba = cfg.kinds.count("M")
     source = ckpt.get("data", "shapes world")                # distill.py records its --data
-    trained_on = SHAPES if source == "shapes world" else f"the conversations in {source}"
+    trained_on = SHAPES if source == "shapes world" else f"the conversations in {source} data"
     print(f"trained on {trained_on}\n{ckpt.get('kind', 'model')} from {path}: {n_mamba} Mamba-2 + "
           f"{cfg.n_layer - n_mamba} attention layers ({cfg.kinds}), stage "
           f"{ckpt.get('stage', '?')}, on {device}{'' if args.device else ' (autodetected)'}",
@@ -63,7 +70,7 @@ def main(argv=None):
     generator = torch.Generator(device).manual_seed(args.seed)
     ids, shown = [], ""
     for t in model.generate(tokens, image, args.max_new_tokens, temperature, args.top_k,
-                            generator=generator):
+                            stop_id=stop, generator=generator):
         ids.append(t)
         text = tok.decode(ids, skip_special_tokens=True)    # decode all so far: byte pieces join up
         print(text[len(shown):], end="", flush=True)

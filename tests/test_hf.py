@@ -579,3 +579,26 @@ def test_generate_with_the_folders_stop_id(hovle):
     assert len(out) == 6 and logits.argmax(-1).tolist() == out
     stop = out[2]
     assert list(model.generate(x, pixels(), 6, stop_id=stop)) == out[:out.index(stop) + 1]
+
+
+def test_sample_py_hf_answers_what_generate_gives(tmp_path, hovle, capsys):
+    """`python sample.py --hf DIR --image X --prompt Q`: the folder's tokenizer, template and
+    preprocessing, and the answer is Model.generate's greedy ids decoded, stopped at
+    <|im_end|>."""
+    import sample
+    folder, _, _ = hovle
+    toy_tokenizer(folder)
+    rgb = np.random.default_rng(1).integers(0, 256, (60, 40, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "x.png")
+    try:
+        sample.main(["--hf", str(folder), "--image", str(tmp_path / "x.png"), "--prompt",
+                     "what is it ?", "--max-new-tokens", "5", "--device", "cpu"])
+        model, tok = hf.load_hf(str(folder), torch.float32)
+        tokens = torch.tensor([hf.prompt_ids(tok, "what is it ?", model.cfg.n_img_tokens)])
+        ids = list(model.generate(tokens, hf.image_tiles(str(tmp_path / "x.png"), tok), 5,
+                                  stop_id=tok.id("<|im_end|>")))
+    finally:
+        os.remove(folder / "tokenizer.json")
+    out = capsys.readouterr()
+    assert out.out == f"user: what is it ?\nassistant: {tok.decode(ids)}\n"
+    assert "HoVLE's data" in out.err
