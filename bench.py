@@ -538,6 +538,8 @@ def run_kernel(args):
 def run_curves(args):
     """The training loss of every stage of a distill.py run (kept per step in its checkpoints):
     losses.json, and loss_curves.png with one panel per stage if matplotlib is installed."""
+    if not os.path.isdir(args.run_dir):
+        raise InputError(f"--run-dir {args.run_dir} is not a folder: give distill.py's --out-dir")
     curves = {}
     for name in sorted(os.listdir(args.run_dir)):
         if name.endswith(".pt"):
