@@ -1,5 +1,5 @@
 """
-Speed and memory of mmMamba against its transformer teacher (arXiv 2502.13145 Sec. 4, Fig. 1,
+Speed and memory of mmMamba against its transformer teacher (arXiv 2502.13145 Sec. 5.3, Fig. 1,
 Table 2; docs/method.md §7), on HoVLE's shape (the `paper` preset) with random weights in
 bf16, batch 1:
 
@@ -679,7 +679,7 @@ def run_train(args):
 
 
 def main():
-    p = ArgumentParser(description="mmMamba speed and memory (arXiv 2502.13145 Sec. 4), and "
+    p = ArgumentParser(description="mmMamba speed and memory (arXiv 2502.13145 Sec. 5.3), and "
                        "training curves")
     p.add_argument("what", choices=["decode", "prompt", "kernel", "curves", "train"],
                    help="which benchmark to run ('curves' plots the losses of a distill.py run)")

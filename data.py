@@ -186,7 +186,7 @@ def example_image(ex, size):
 
 
 # -----------------------------------------------------------------------------
-# the tokenizer and the ChatML template (arXiv 2502.13145 Sec. 3.1; docs/method.md §1): the
+# the tokenizer and the ChatML template (arXiv 2502.13145 Sec. 3; docs/method.md §1): the
 # image's tokens sit in the user's turn, and only the assistant's answer is scored
 
 
@@ -251,7 +251,7 @@ def encode_prompt(tok, question, n_img_tokens):
 
 # -----------------------------------------------------------------------------
 # batches: right-padded, with targets that score only the assistant's answer and <|im_end|>
-# (the answer-only loss of arXiv 2502.13145 Sec. 3.1; docs/method.md §1)
+# (the answer-only loss of arXiv 2502.13145 Sec. 3; docs/method.md §1)
 
 
 def make_batch(examples, tok, cfg, device="cpu"):

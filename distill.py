@@ -1,7 +1,7 @@
 """
 Train a multimodal transformer teacher, then distill it into Mamba-2 in the three stages of
-mmMamba (arXiv 2502.13145 Sec. 3.3; docs/method.md §5), and into the hybrid that keeps some
-of the teacher's attention layers (Sec. 3.4; §6). Read top to bottom: the recipe (RECIPE),
+mmMamba (arXiv 2502.13145 Sec. 4.2-4.4; docs/method.md §5), and into the hybrid that keeps some
+of the teacher's attention layers (Sec. 4.5; §6). Read top to bottom: the recipe (RECIPE),
 the three losses, the one training loop (train_stage), then main, which runs the stages in
 order. Evaluation is in evaluate.py, the paper's ablations (Tables 3-6) in ablate.py.
 
@@ -40,7 +40,7 @@ from session import CtrlC, Stopped, cli, open_run
 from util import ArgumentParser, InputError, checkpoint_of, load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
-# the recipe (arXiv 2502.13145 Sec. 3.3; docs/method.md §5)
+# the recipe (arXiv 2502.13145 Sec. 4.2-4.4; docs/method.md §5)
 
 NEW = ("conv1d", "dt_proj", "dt_bias", "A_log", "g_proj", "norm")  # seeded fresh (seed.py)
 XBC = ("x_proj", "b_proj", "c_proj")                             # the copies of W_V, W_K, W_Q
@@ -127,19 +127,19 @@ def answer_ce(model, tokens, targets, images):
 
 
 def layerwise_mse(teacher, student, tokens, images):
-    """Stages 1-2 (Sec. 3.3): each Mamba-2 layer reads the teacher's input u of that layer
+    """Stages 1-2 (Sec. 4.2-4.4): each Mamba-2 layer reads the teacher's input u of that layer
     (teacher forcing) and must reproduce the teacher attention's per-head output, before W_O."""
     with torch.no_grad():
         ios = teacher.layer_io(tokens, images)                                  # per layer (u, y)
     real = tokens != PAD_ID                                                     # (B, T)
     errs = [F.mse_loss(layer.mixer.mix(u)[real].float(), y[real].float(), reduction="sum")
             for layer, (u, y) in zip(student.layers, ios) if layer.kind == "M"]
-    # the mean over layers, tokens and channels of the squared error, times 1000 (Sec. 3.3)
+    # the mean over layers, tokens and channels of the squared error, times 1000 (Sec. 4.2-4.4)
     return torch.stack(errs).sum() * 1000, real.sum() * len(errs) * ios[0][1].shape[-1]
 
 
 def kl_teacher_student(teacher, student, tokens, images):
-    """Stage 3 (Sec. 3.3): forward KL(teacher || student) of the next-token distributions at
+    """Stage 3 (Sec. 4.2-4.4): forward KL(teacher || student) of the next-token distributions at
     temperature 1. Deviation, on purpose: per token (summed over the vocabulary, averaged over
     the counted positions) so that its values read like a loss, and every text position
     counts, not only the answer's: predicting "the ___" in "What color is the" already depends
@@ -350,7 +350,7 @@ def load_data(run):
 
 
 def seeded(run, teacher):
-    """The linear student carved out of the teacher (seed.py; Sec. 3.2, docs/method.md §4)."""
+    """The linear student carved out of the teacher (seed.py; Sec. 4.1, docs/method.md §4)."""
     torch.manual_seed(run.args.seed)                    # the same student whatever ran before
     return seed_student(teacher, "M" * teacher.cfg.n_layer, run.args.init)
 
@@ -360,7 +360,7 @@ def load_student(run, stage):
 
 
 def hybrid_of(args, n_layer):
-    """The hybrid's layout (Sec. 3.4; docs/method.md §6): --attn-layers, or every K-th layer
+    """The hybrid's layout (Sec. 4.5; docs/method.md §6): --attn-layers, or every K-th layer
     kept as attention (--attn-every K, default 4: the paper's 8 of 32). It must keep a layer
     and replace a layer: all attention is the teacher, all Mamba-2 the linear student."""
     every = 4 if args.attn_every is None and args.attn_layers is None else args.attn_every

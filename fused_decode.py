@@ -1,6 +1,6 @@
 """
 One decoding token of a whole model (teacher, hybrid or linear) in five Triton kernels per
-layer: the fast path behind the paper's Figure 1 (arXiv 2502.13145 Sec. 4, Fig. 1;
+layer: the fast path behind the paper's Figure 1 (arXiv 2502.13145 Sec. 5.3, Fig. 1;
 docs/method.md §7), next to the PyTorch step in mmmamba.py that it must reproduce
 (tests/test_fused_decode.py, in Triton's interpreter).
 

@@ -81,7 +81,7 @@ PRESETS = {
     # image tokens, 4 per shape cell, with 4x the pixels in each
     "small": Config(n_layer=8, d_model=512, n_head=8, n_kv_head=4, head_dim=64, d_mlp=1536,
                     max_seq_len=512, img_size=64, img_patch=16, img_dim=256, vocab_size=2048),
-    # HoVLE's shape (arXiv 2502.13145 Sec. 3.1; docs/method.md §1) with random weights, for
+    # HoVLE's shape (arXiv 2502.13145 Sec. 3; docs/method.md §1) with random weights, for
     # speed and memory: 8 embedding + 24 LLM layers; a 448 px image is 32 x 32 patches of
     # 14 px, merged 2 x 2 by the pixel shuffle into 256 tokens
     "paper": Config(n_layer=32, n_embed_layer=8, d_model=2048, n_head=16, n_kv_head=8,
@@ -102,7 +102,7 @@ def expand_image_placeholder(ids, n_img_tokens):
 
 
 # -----------------------------------------------------------------------------
-# the teacher's pieces: a decoder-only VLM, InternLM2 layers (arXiv 2502.13145 Sec. 3.1;
+# the teacher's pieces: a decoder-only VLM, InternLM2 layers (arXiv 2502.13145 Sec. 3;
 # docs/method.md §1)
 
 
@@ -222,7 +222,7 @@ class ImageEmbed(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# the student's layer: Mamba-2 in place of attention (arXiv 2502.13145 Sec. 3.1, Eq. 2;
+# the student's layer: Mamba-2 in place of attention (arXiv 2502.13145 Sec. 3, Eq. 2;
 # docs/method.md §2)
 
 
@@ -322,7 +322,7 @@ class Mamba2(nn.Module):
 
 # -----------------------------------------------------------------------------
 # the decoder layer and the model: teacher, linear student, and hybrid (arXiv 2502.13145
-# Sec. 3.4; docs/method.md §6)
+# Sec. 4.5; docs/method.md §6)
 
 
 class Block(nn.Module):

@@ -5,7 +5,7 @@ Ask a trained model about an image, streaming the answer as it is decoded.
     python sample.py --image cat.jpg --prompt "What color is the circle?" --model hybrid
 
 Decoding is Model.generate: one prefill of the prompt (image included), then one cached step
-per token. In a Mamba-2 layer that step updates a fixed-size state (arXiv 2502.13145 Sec. 3.1,
+per token. In a Mamba-2 layer that step updates a fixed-size state (arXiv 2502.13145 Sec. 3,
 Eq. 2; docs/method.md §2), so a token costs the same however long the context; attention
 layers (teacher, hybrid) read a KV cache that grows with it. The prompt is the user's text
 only: special tokens typed into it stay text (data.encode_plain).

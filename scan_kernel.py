@@ -15,7 +15,7 @@ The fast Triton kernels used for training and benchmarks on a GPU (segments, TMA
 backward) are in scan_fast.py, which ssd(..., backend="triton") calls; nothing here needs
 reading it: it computes the same function as ssd_chunked, and the tests hold it to that.
 
-What is computed, per head (arXiv 2502.13145 Sec. 3.1, Eq. 2; docs/method.md §2):
+What is computed, per head (arXiv 2502.13145 Sec. 3, Eq. 2; docs/method.md §2):
     dt_t = softplus(dt_raw_t + dt_bias)                   step size, > 0
     S_t  = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T           state, (P, N)
     y_t  = S_t C_t                                        read-out, (P,)

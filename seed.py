@@ -1,6 +1,6 @@
 """
 Seeding: carve a Mamba-2 student out of a trained transformer teacher (arXiv 2502.13145
-Sec. 3.2; docs/method.md §4), and build the stage-3 hybrid (Sec. 3.4; docs/method.md §6).
+Sec. 4.1; docs/method.md §4), and build the stage-3 hybrid (Sec. 4.5; docs/method.md §6).
 
 Every student parameter is either copied from the teacher or initialised on purpose, and
 seed_student checks that this is so. Inside a replaced layer the copy table is

@@ -151,7 +151,7 @@ def test_hybrid_layouts():
 
 
 # -----------------------------------------------------------------------------
-# the Mamba-2 layer, written out (arXiv 2502.13145 Sec. 3.1, Eq. 2; docs/method.md §2)
+# the Mamba-2 layer, written out (arXiv 2502.13145 Sec. 3, Eq. 2; docs/method.md §2)
 
 
 @torch.no_grad()

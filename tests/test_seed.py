@@ -194,7 +194,7 @@ def markov_teacher(steps=100):
 
 
 def test_mimic_starts_closest_to_the_teacher():
-    """The paper's reason for mimic (arXiv 2502.13145 Sec. 3.2): at step 0, before any
+    """The paper's reason for mimic (arXiv 2502.13145 Sec. 4.1): at step 0, before any
     distillation, its layer-wise loss is the lowest of the three initialisations, in the mean
     over 4 seeds of the new parameters (over 12 seeds: mimic 1.20-1.23, inherit 6.1-7.0,
     scratch 6.2-7.1). inherit against scratch is not tested: at step 0 with the released
