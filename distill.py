@@ -37,7 +37,8 @@ import evaluate
 from mmmamba import IMAGE_ID, IMG_START_ID, PAD_ID, PRESETS, Model
 from seed import INITS, hybrid_layout, make_hybrid, parse_layers, seed_student
 from session import CtrlC, Stopped, cli, open_run
-from util import ArgumentParser, InputError, checkpoint_of, load_checkpoint, model_from_checkpoint
+from util import (ArgumentParser, InputError, checkpoint_of, load_checkpoint, model_from_checkpoint,
+                  tokenizer_from_checkpoint)
 
 # -----------------------------------------------------------------------------
 # the recipe (arXiv 2502.13145 Sec. 4.2-4.4; docs/method.md §5)
@@ -316,10 +317,12 @@ def load_teacher(run, trains_teacher):
         run.preset = run.args.preset or "tiny"
         run.cfg, run.tok = replace(PRESETS[run.preset], scan_backend=run.args.scan), None
         if run.args.resume and os.path.exists(run.path(0, "teacher")):   # its own tokenizer
-            run.tok = Tokenizer.from_str(load_checkpoint(run.path(0, "teacher"))["tokenizer"])
+            path = run.path(0, "teacher")
+            run.tok = tokenizer_from_checkpoint(load_checkpoint(path), path)
         return None
     ckpt = load_finished(run, 0, "teacher")
-    run.preset, run.tok = ckpt.get("preset"), Tokenizer.from_str(ckpt["tokenizer"])
+    run.preset = ckpt.get("preset")
+    run.tok = tokenizer_from_checkpoint(ckpt, run.path(0, "teacher"))
     teacher = run.to_device(model_from_checkpoint(ckpt)).eval().requires_grad_(False)
     run.cfg = teacher.cfg
     return teacher
