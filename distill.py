@@ -313,16 +313,15 @@ def load_teacher(run, trains_teacher):
     """The model size and tokenizer, from the finished teacher checkpoint, whose model is
     returned frozen; or, for a teacher still to train, the preset (the tokenizer comes with
     the data). Either way before the data loads, so that a wrong flag fails at once."""
+    path = run.path(0, "teacher")
     if trains_teacher:
         run.preset = run.args.preset or "tiny"
         run.cfg, run.tok = replace(PRESETS[run.preset], scan_backend=run.args.scan), None
-        if run.args.resume and os.path.exists(run.path(0, "teacher")):   # its own tokenizer
-            path = run.path(0, "teacher")
+        if run.args.resume and os.path.exists(path):        # a teacher resumed: its tokenizer
             run.tok = tokenizer_from_checkpoint(load_checkpoint(path), path)
         return None
     ckpt = load_finished(run, 0, "teacher")
-    run.preset = ckpt.get("preset")
-    run.tok = tokenizer_from_checkpoint(ckpt, run.path(0, "teacher"))
+    run.preset, run.tok = ckpt.get("preset"), tokenizer_from_checkpoint(ckpt, path)
     teacher = run.to_device(model_from_checkpoint(ckpt)).eval().requires_grad_(False)
     run.cfg = teacher.cfg
     return teacher

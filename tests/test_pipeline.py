@@ -41,6 +41,7 @@ import mmmamba
 from mmmamba import Config
 mmmamba.PRESETS["micro"] = {MICRO!r}
 import distill, session
+{{n_train}}
 session.cli(lambda: distill.main(sys.argv[1:]))
 """
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -61,9 +62,11 @@ def distill_main(monkeypatch, argv):
     distill.main(FAST + STEPS + argv)
 
 
-def micro_script(tmp_path):
+def micro_script(tmp_path, n_train=None):
+    """The wrapper as a file; n_train shrinks the shapes world (a faster start)."""
     path = tmp_path / "distill_micro.py"
-    path.write_text(WRAPPER)
+    shrink = f"distill.N_TRAIN_IMAGES = {n_train}" if n_train else ""
+    path.write_text(WRAPPER.format(n_train=shrink))
     return str(path)
 
 
@@ -319,8 +322,8 @@ def test_an_image_that_does_not_decode_fails_before_training(tmp_path, monkeypat
 def test_ctrl_c_stops_after_a_whole_step_and_resume_continues(tmp_path):
     out, log = tmp_path / "out", open(tmp_path / "stderr.txt", "w+")
     ckpt = out / "stage0_teacher.pt"
-    args = [micro_script(tmp_path), *FAST, "--stage", "0", "--steps0", "120", "--save-every", "2",
-            "--out-dir", str(out)]
+    args = [micro_script(tmp_path, n_train=300), *FAST, "--stage", "0", "--steps0", "120",
+            "--save-every", "2", "--out-dir", str(out)]
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=log,
                             env=ONE_THREAD)
     # wait on the run's own progress (its checkpoint's step), never on a clock; the bound
