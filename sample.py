@@ -45,7 +45,7 @@ def main(argv=None):
 
     if args.hf:             # the real teacher or a released student: their tokenizer and template
         import hf
-        path, ckpt, (model, tok, image, tokens, stop) = args.hf, {"data": "HoVLE's"}, \
+        path, ckpt, (model, tok, image, tokens, stop) = args.hf, {"data": "HoVLE's data"}, \
             hf.sample_inputs(args.hf, args.image, args.prompt, device)
     else:
         path = args.ckpt or os.path.join(args.out_dir or "out", CKPTS[args.model])
@@ -60,7 +60,7 @@ def main(argv=None):
                          f"{cfg.max_seq_len - 1}: ask a shorter question")
     n_mamba = cfg.kinds.count("M")
     source = ckpt.get("data", "shapes world")                # distill.py records its --data
-    trained_on = SHAPES if source == "shapes world" else f"the conversations in {source} data"
+    trained_on = SHAPES if source == "shapes world" else f"the conversations in {source}"
     print(f"trained on {trained_on}\n{ckpt.get('kind', 'model')} from {path}: {n_mamba} Mamba-2 + "
           f"{cfg.n_layer - n_mamba} attention layers ({cfg.kinds}), stage "
           f"{ckpt.get('stage', '?')}, on {device}{'' if args.device else ' (autodetected)'}",

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import data      # noqa: E402  (the repository root is on the path only now)
 import distill   # noqa: E402
+import evaluate  # noqa: E402
 from mmmamba import PRESETS, Model  # noqa: E402
 
 name, patch, bs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -62,8 +63,8 @@ for step in range(steps):
     opt.zero_grad(set_to_none=True)
     last = step + 1 == steps or time.time() - t0 > budget
     if (step + 1) % 1000 == 0 or last:
-        r = distill.evaluate(m, qa, caps, tok, env)
-        rt = distill.evaluate(m, train_qa, caps[:10], tok, env)
+        r = evaluate.evaluate(m, qa, caps, tok)
+        rt = evaluate.evaluate(m, train_qa, caps[:10], tok)
         m.train()
         rec = dict(step=step + 1, s=round(time.time() - t0), loss=round((tot / cnt).item(), 4),
                    acc=r["qa_accuracy"], train_acc=rt["qa_accuracy"],
