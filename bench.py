@@ -611,12 +611,19 @@ def step_flops(stage, teacher, student, trains, batch, length):
 
 
 def run_train(args):
-    """Stages 1, 2 and 3 at the paper preset as distill.py runs them (fp32 weights, bf16
-    autocast, AdamW on the trainable part): seconds per step, tokens/s, peak memory, MFU."""
+    """Stages 1, 2 and 3 at the paper preset: seconds per step, tokens/s, peak memory, MFU,
+    for each of --ways: plain (as distill.py trains: fp32 weights, bf16 autocast, AdamW on the
+    trainable part), fast (train_fast's pieces: frozen weights held in bf16, losses without host
+    syncs, the chunked KL), compiled (fast + the elementwise work through torch.compile).
+    --profile: where one step's GPU time goes (torch.profiler), for the last way."""
     import distill
+    import train_fast
     from seed import seed_student
     if not torch.cuda.is_available():
         raise InputError("bench.py train times the paper preset on a CUDA GPU and none is visible")
+    ways = args.ways.split(",")
+    if set(ways) - {"plain", "fast", "compiled"} or not ways:
+        raise InputError(f"--ways {args.ways}: choose from plain,fast,compiled")
     device, peak = torch.device("cuda"), args.peak_tflops * 1e12
     cfg = PRESETS[args.preset]
     B, L = (int(v) for v in args.train_shape.split("x"))
@@ -634,48 +641,94 @@ def run_train(args):
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; preset "
           f"{args.preset}, {B} x {L} tokens with {n_img} image tokens each; MFU against "
           f"{args.peak_tflops:g} TFLOP/s")
-    rows = []
-    for stage in (1, 2, 3):
-        distill.freeze_for(student, stage)
-        params = [p for p in student.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.05)
-        loss_fn = distill.StageLoss(stage, student)
-        torch.cuda.reset_peak_memory_stats()
+    rows, undo = [], None
+    for way in ways:
+        if way != "plain" and "embed" not in vars(teacher):
+            train_fast.graph_safe(teacher)
+            train_fast.graph_safe(student)
+        if way == "compiled" and undo is None:
+            undo = train_fast.fuse_elementwise([teacher, student])
+        for stage in (1, 2, 3):
+            distill.freeze_for(student, stage)
+            if way != "plain":
+                train_fast.frozen_to_bf16(teacher)
+                train_fast.frozen_to_bf16(student)
+            params = [p for p in student.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.05)
+            loss_fn = distill.StageLoss(stage, student)
+            if way != "plain":
+                def loss_fn(teacher, tokens, targets, images, stage=stage):
+                    return train_fast.stage_loss(stage, teacher, student, tokens, targets, images)
+            torch.cuda.reset_peak_memory_stats()
 
-        def step():
-            with torch.autocast("cuda", torch.bfloat16):
-                total, count = loss_fn(teacher, tokens, targets, images)
-            (total / count).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            ms = median_ms(step, 5, True, warmup=2)          # steps of ~1 s: few suffice
-        flops = step_flops(stage, teacher, student, distill.RECIPE[stage]["trains"], B, L)
-        rows.append({"stage": stage, "s_per_step": ms / 1e3, "tokens_per_s": B * L / ms * 1e3,
-                     "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
-                     "tflop_per_step": flops / 1e12, "mfu": flops / (ms * 1e-3) / peak,
-                     "trainable_m": sum(p.numel() for p in params) / 1e6})
-        print(rows[-1])
-        del opt, loss_fn
-        for p in student.parameters():
-            p.grad = None
-        gc.collect()
-        torch.cuda.empty_cache()
-    print("\n| stage | trainable | s / step | tokens/s | peak GiB | TFLOP / step | MFU |")
-    print("|---|---|---|---|---|---|---|")
+            def step():
+                with torch.autocast("cuda", torch.bfloat16):
+                    total, count = loss_fn(teacher, tokens, targets, images)
+                (total / count).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            t0 = time.time()
+            with torch.enable_grad():
+                step()
+                torch.cuda.synchronize()
+                first_s = time.time() - t0
+                ms = median_ms(step, 5, True, warmup=1)      # steps of ~1 s: few suffice
+                if args.profile and way == ways[-1]:
+                    profile_step(step, f"{way}, stage {stage}")
+            flops = step_flops(stage, teacher, student, distill.RECIPE[stage]["trains"], B, L)
+            rows.append({"way": way, "stage": stage, "s_per_step": ms / 1e3,
+                         "tokens_per_s": B * L / ms * 1e3, "first_step_s": first_s,
+                         "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
+                         "tflop_per_step": flops / 1e12, "mfu": flops / (ms * 1e-3) / peak,
+                         "trainable_m": sum(p.numel() for p in params) / 1e6})
+            print(rows[-1], flush=True)
+            del opt, loss_fn
+            for p in student.parameters():
+                p.grad = None
+            gc.collect()
+            torch.cuda.empty_cache()
+    if undo:
+        undo()
+    print("\n| way | stage | trainable | s / step | tokens/s | peak GiB | TFLOP / step | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['stage']} | {r['trainable_m']:.0f}M | {r['s_per_step']:.3f} | "
+        print(f"| {r['way']} | {r['stage']} | {r['trainable_m']:.0f}M | {r['s_per_step']:.3f} | "
               f"{r['tokens_per_s']:.0f} | {r['peak_gib']:.1f} | {r['tflop_per_step']:.1f} | "
               f"{r['mfu']:.1%} |")
     # the paper's recipe: 20K steps a stage at batch 128, 128, 64 (sequences of L tokens)
+    last = rows[-3:]
     hours = [20000 * batch / B * r["s_per_step"] / 3600
-             for batch, r in zip((128, 128, 64), rows)]
-    print(f"\nthe paper's recipe (20K steps a stage, batch 128/128/64 of {L} tokens) at these "
-          f"speeds: {' + '.join(f'{h:.0f}' for h in hours)} = {sum(hours):.0f} GPU-hours; "
-          f"{sum(hours) / 8:.0f} h on 8 GPUs with torchrun if data parallelism scales")
+             for batch, r in zip((128, 128, 64), last)]
+    print(f"\nthe paper's recipe (20K steps a stage, batch 128/128/64 of {L} tokens) at the "
+          f"{last[0]['way']} speeds: {' + '.join(f'{h:.0f}' for h in hours)} = "
+          f"{sum(hours):.0f} GPU-hours; {sum(hours) / 8:.0f} h on 8 GPUs with torchrun if data "
+          "parallelism scales")
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "bench_train.json"), "w") as f:
         json.dump(rows, f, indent=1)
+
+
+def profile_step(step, label, top=18):
+    """One step under torch.profiler: the ops that take the most GPU time, and how much of
+    the step is matmul (GEMM kernels), attention, the scan, and everything else."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events) or 1.0
+    groups = {"matmul": ("gemm", "cutlass", "sm90_xmma", "nvjet"), "attention": ("flash", "fmha",
+              "cudnn", "attention"), "scan": ("_scan", "_state", "_pass", "_chunk")}
+    share = dict.fromkeys(list(groups) + ["other"], 0.0)
+    for e in events:
+        kind = next((k for k, keys in groups.items() if any(s in e.key.lower() for s in keys)),
+                    "other")
+        share[kind] += e.self_device_time_total
+    print(f"\nprofile ({label}): GPU busy {total / 1e3:.1f} ms; " + ", ".join(
+        f"{k} {v / total:.1%}" for k, v in share.items()))
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"  {e.self_device_time_total / 1e3:8.2f} ms  {e.count:5d}x  {e.key[:90]}")
 
 
 def main():
@@ -695,12 +748,15 @@ def main():
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     p.add_argument("--no-fused", action="store_true", help="skip the fused Triton decoder")
     p.add_argument("--profile", action="store_true",
-                   help="decode: profile the first and last context, and time SDPA variants")
+                   help="decode: profile the first and last context, and time SDPA variants; "
+                   "train: where one step's GPU time goes")
     p.add_argument("--out-dir", default="bench_out", help="where the CSV and PNG go")
     p.add_argument("--peers", help="kernel: a folder holding mamba_ssm/, fla/, einops/ to time "
                    "beside ours (goes first on sys.path)")
     p.add_argument("--rounds", type=int, default=5, help="kernel: interleaved timing rounds")
     p.add_argument("--train-shape", default="8x2048", help="train: sequences x tokens")
+    p.add_argument("--ways", default="plain,fast,compiled",
+                   help="train: comma-separated plain,fast,compiled (see run_train)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="train: the GPU's dense bf16 peak for MFU (H100/H200 SXM: 989)")
     p.add_argument("--shapes", default="16x1024,8x2048,4x8192,2x16384,1x65536",

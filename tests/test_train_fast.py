@@ -1,0 +1,181 @@
+"""train_fast.py computes what distill.py computes: its batches are data.make_batch's padded,
+its graph-safe embedding is Model.embed, its losses are distill's (values and gradients), the
+chunked KL is the plain one, bf16-held frozen weights give the same bits under autocast, and a
+whole micro run through its loop writes the plain loop's checkpoints. On CUDA: the step
+replayed from CUDA graphs equals the eager step."""
+import json
+
+import pytest
+import torch
+
+import data
+import distill
+import mmmamba
+import train_fast
+from mmmamba import PAD_ID, Model
+from seed import seed_student
+from test_pipeline import FAST, MICRO, STEPS
+from util import load_checkpoint
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def world():
+    """Micro models and a tokenizer over a few shapes-world conversations (odd-sized batch)."""
+    train = data.shapes_split("train", 30)
+    tok = data.train_tokenizer(train, MICRO.vocab_size)
+    torch.manual_seed(0)
+    teacher = Model(MICRO).eval().requires_grad_(False)
+    student = seed_student(teacher, "MAMM")
+    return train, tok, teacher, student
+
+
+def test_batches_are_make_batch_padded(world):
+    train, tok, _, _ = world
+    make = train_fast.Batches(tok, MICRO)
+    for examples in (train[:7], train[3:4], train[10:31:3]):        # 7, one, 7 of another mix
+        want = data.make_batch(examples, tok, MICRO)
+        got = make(examples, torch.device("cpu"))
+        T = want[0].shape[1]
+        assert got[0].shape[1] % train_fast.PAD_TO == 0 and got[0].shape[1] >= T
+        assert torch.equal(got[0][:, :T], want[0]) and (got[0][:, T:] == PAD_ID).all()
+        assert torch.equal(got[1][:, :T], want[1]) and (got[1][:, T:] == -1).all()
+        assert torch.equal(got[2], want[2])
+    again = make(train[:7], torch.device("cpu"))                       # from the caches
+    assert torch.equal(again[0][:, :data.make_batch(train[:7], tok, MICRO)[0].shape[1]],
+                       data.make_batch(train[:7], tok, MICRO)[0])
+
+
+def test_graph_safe_embed_is_model_embed(world):
+    train, tok, teacher, _ = world
+    tokens, _, images = data.make_batch(train[:5], tok, MICRO)
+    model = Model(MICRO)
+    want = model.embed(tokens, images)
+    train_fast.graph_safe(model)
+    assert "embed" in vars(model)
+    got = model.embed(tokens, images)
+    assert torch.equal(got, want)
+    # the gradient reaches the patches as masked_scatter's does
+    model.vision.patch.weight.grad = None
+    got.square().sum().backward()
+    g_fast = model.vision.patch.weight.grad.clone()
+    del model.embed
+    model.vision.patch.weight.grad = None
+    model.embed(tokens, images).square().sum().backward()
+    assert rel(g_fast, model.vision.patch.weight.grad) < 1e-6
+
+
+@pytest.mark.parametrize("shape,rows", [((2, 13, 37), 5), ((1, 1, 11), 2048), ((3, 9, 64), 27)])
+def test_chunked_kl_is_the_plain_kl(shape, rows):
+    torch.manual_seed(sum(shape))
+    t = torch.randn(shape) * 3
+    s = (torch.randn(shape) * 3).requires_grad_()
+    count = torch.rand(shape[:2]) < 0.7
+    count.view(-1)[0] = True
+    s64 = s.detach().double().requires_grad_()                  # the reference in float64
+    want = torch.nn.functional.kl_div(s64.log_softmax(-1), t.double().log_softmax(-1),
+                                      log_target=True, reduction="none").sum(-1)[count].sum()
+    (g_want,) = torch.autograd.grad(want * 1.7, s64)
+    got = train_fast.kl_sum(t, s, count, rows=rows)             # fp32 inside, by chunks
+    (g_got,) = torch.autograd.grad(got * 1.7, s)
+    assert got.shape == () and abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    assert g_got.dtype == s.dtype and rel(g_got, g_want) < 1e-6
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_stage_loss_is_distills(world, stage):
+    """Values and gradients of train_fast.stage_loss against distill.StageLoss, on a batch
+    padded past its longest row (the padding is unscored)."""
+    train, tok, teacher, student = world
+    distill.freeze_for(student, stage)
+    model = student if stage else Model(MICRO)
+    tokens, targets, images = data.make_batch(train[2:9], tok, MICRO)
+    loss = distill.StageLoss(stage, model)
+    t_want, c_want = loss(teacher, tokens, targets, images)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_want = torch.autograd.grad(t_want / c_want, params)
+    padded = train_fast.Batches(tok, MICRO)(train[2:9], torch.device("cpu"))
+    assert padded[0].shape[1] > tokens.shape[1]
+    t_got, c_got = train_fast.stage_loss(stage, teacher, model, *padded)
+    g_got = torch.autograd.grad(t_got / c_got, params)
+    assert c_got.item() == c_want.item()
+    assert abs(t_got.item() - t_want.item()) <= 1e-5 * abs(t_want.item())
+    assert max(rel(a, b) for a, b in zip(g_got, g_want) if b.norm() > 0) < 1e-4
+
+
+def test_frozen_bf16_weights_give_the_same_bits_under_autocast(world):
+    train, tok, teacher, _ = world
+    torch.manual_seed(1)
+    student = seed_student(teacher, "MMMM")
+    distill.freeze_for(student, 2)
+    tokens, _, images = data.make_batch(train[:4], tok, MICRO)
+    with torch.autocast("cpu", torch.bfloat16):
+        want = student(tokens, images)
+    n = train_fast.frozen_to_bf16(student)
+    assert n > 0 and student.output.weight.dtype == torch.bfloat16
+    assert student.layers[0].mixer.x_proj.weight.dtype == torch.float32     # trains in stage 2
+    with torch.autocast("cpu", torch.bfloat16):
+        got = student(tokens, images)
+    assert torch.equal(got, want)
+
+
+def test_fast_loop_writes_the_plain_loops_checkpoints(tmp_path, monkeypatch):
+    """Every stage of a micro run, through distill.main and through train_fast.main (eager on
+    the CPU): the same losses step by step and the same trained weights."""
+    monkeypatch.setitem(mmmamba.PRESETS, "micro", MICRO)
+    monkeypatch.setattr(distill, "N_TRAIN_IMAGES", 40)
+    torch.set_num_threads(1)
+    plain, fast = tmp_path / "plain", tmp_path / "fast"
+    distill.main(FAST + STEPS + ["--out-dir", str(plain)])
+    assert distill.train_stage is train_fast._plain_train_stage
+    train_fast.main(FAST + STEPS + ["--out-dir", str(fast)])
+    assert distill.train_stage is train_fast._plain_train_stage                # put back
+    for name in ("stage0_teacher", "stage1_linear", "stage2_linear", "stage3_linear",
+                 "stage3_hybrid"):
+        a, b = (load_checkpoint(str(d / f"{name}.pt")) for d in (plain, fast))
+        assert b["done"] and b["step"] == a["step"] and len(b["losses"]) == len(a["losses"])
+        assert max(abs(x - y) / abs(x) for x, y in zip(a["losses"], b["losses"])) < 1e-4, name
+        assert max(rel(b["model"][k], v) for k, v in a["model"].items()
+                   if v.is_floating_point() and v.norm() > 0) < 1e-3, name
+        assert isinstance(b["optimizer"]["param_groups"][0]["lr"], float)
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (plain, fast))
+    assert [r["stage"] for r in ra] == [r["stage"] for r in rb]
+
+
+@needs_cuda
+def test_gpu_graph_step_is_the_eager_step():
+    """Small-preset shapes, bf16 autocast: 6 steps replayed from CUDA graphs (two lengths,
+    so two graphs) against the same steps eagerly, from the same start."""
+    cfg = mmmamba.PRESETS["small"]
+    train = data.shapes_split("train", 40)
+    tok = data.train_tokenizer(train, cfg.vocab_size)
+    make, dev = train_fast.Batches(tok, cfg), torch.device("cuda")
+    batches = [make(train[i:i + 8 + i % 2], dev) for i in range(6)]
+    runs = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        with dev:
+            teacher = Model(cfg).eval().requires_grad_(False)
+        student = seed_student(teacher, "M" * cfg.n_layer)
+        for stage in (0, 3):
+            model = teacher if stage == 0 else student
+            if stage == 0:
+                model.requires_grad_(True)
+            distill.freeze_for(model, stage)
+            train_fast.graph_safe(model)
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = train_fast.make_optimizer(params, 1e-3, dev, capturable=graphs)
+            step = train_fast.Step(lambda *b, s=stage, m=model: train_fast.stage_loss(
+                s, teacher, m, *b), params, opt, torch.autocast("cuda", torch.bfloat16), graphs)
+            losses = [step(*b, 1e-3).item() for b in batches]
+            if stage == 0:
+                teacher.requires_grad_(False)
+            runs.append((losses, [p.detach().clone() for p in params]))
+    for (l_e, p_e), (l_g, p_g) in zip(runs[:2], runs[2:]):
+        assert all(abs(a - b) <= 2e-2 * abs(a) for a, b in zip(l_e, l_g)), (l_e, l_g)
+        assert max(rel(a, b) for a, b in zip(p_g, p_e)) < 1e-2
