@@ -147,35 +147,40 @@ def test_fast_loop_writes_the_plain_loops_checkpoints(tmp_path, monkeypatch):
     assert [r["stage"] for r in ra] == [r["stage"] for r in rb]
 
 
+def _small_steps(stage, graphs, batches, cfg):
+    """Six steps of `stage` from the same fresh models: (losses, the update of all trained
+    parameters together)."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    with dev:
+        teacher = Model(cfg).eval()
+    teacher.requires_grad_(stage == 0)
+    model = teacher if stage == 0 else seed_student(teacher, "M" * cfg.n_layer)
+    distill.freeze_for(model, stage)
+    train_fast.graph_safe(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = torch.cat([p.detach().flatten().float() for p in params])
+    opt = train_fast.make_optimizer(params, 1e-3, dev, capturable=graphs)
+    step = train_fast.Step(lambda *b: train_fast.stage_loss(stage, teacher, model, *b), params,
+                           opt, torch.autocast("cuda", torch.bfloat16), graphs)
+    losses = [step(*b, 1e-3).item() for b in batches]
+    return losses, torch.cat([p.detach().flatten().float() for p in params]) - before
+
+
 @needs_cuda
-def test_gpu_graph_step_is_the_eager_step():
-    """Small-preset shapes, bf16 autocast: 6 steps replayed from CUDA graphs (two lengths,
-    so two graphs) against the same steps eagerly, from the same start."""
+@pytest.mark.parametrize("stage", [0, 3])
+def test_gpu_graph_step_is_the_eager_step(stage):
+    """Small-preset shapes, bf16 autocast: 6 steps replayed from CUDA graphs (two lengths, so
+    two graphs, each captured after a warm-up that is undone) against the same steps eagerly.
+    Two eager runs differ too (atomics in the embedding's backward, which AdamW's first steps
+    amplify where a gradient is ~0), so the graph run must be as close as eager is to eager."""
     cfg = mmmamba.PRESETS["small"]
     train = data.shapes_split("train", 40)
     tok = data.train_tokenizer(train, cfg.vocab_size)
-    make, dev = train_fast.Batches(tok, cfg), torch.device("cuda")
-    batches = [make(train[i:i + 8 + i % 2], dev) for i in range(6)]
-    runs = []
-    for graphs in (False, True):
-        torch.manual_seed(0)
-        with dev:
-            teacher = Model(cfg).eval().requires_grad_(False)
-        student = seed_student(teacher, "M" * cfg.n_layer)
-        for stage in (0, 3):
-            model = teacher if stage == 0 else student
-            if stage == 0:
-                model.requires_grad_(True)
-            distill.freeze_for(model, stage)
-            train_fast.graph_safe(model)
-            params = [p for p in model.parameters() if p.requires_grad]
-            opt = train_fast.make_optimizer(params, 1e-3, dev, capturable=graphs)
-            step = train_fast.Step(lambda *b, s=stage, m=model: train_fast.stage_loss(
-                s, teacher, m, *b), params, opt, torch.autocast("cuda", torch.bfloat16), graphs)
-            losses = [step(*b, 1e-3).item() for b in batches]
-            if stage == 0:
-                teacher.requires_grad_(False)
-            runs.append((losses, [p.detach().clone() for p in params]))
-    for (l_e, p_e), (l_g, p_g) in zip(runs[:2], runs[2:]):
-        assert all(abs(a - b) <= 2e-2 * abs(a) for a, b in zip(l_e, l_g)), (l_e, l_g)
-        assert max(rel(a, b) for a, b in zip(p_g, p_e)) < 1e-2
+    make = train_fast.Batches(tok, cfg)
+    batches = [make(train[i:i + 8 + i % 2], torch.device("cuda")) for i in range(6)]
+    (l_e, d_e), (_, d_e2), (l_g, d_g) = (_small_steps(stage, g, batches, cfg)
+                                         for g in (False, False, True))
+    assert all(abs(a - b) <= 2e-2 * abs(a) for a, b in zip(l_e, l_g)), (l_e, l_g)
+    assert d_e.norm() > 0
+    assert rel(d_g, d_e) <= 3 * rel(d_e2, d_e) + 1e-3, (rel(d_g, d_e), rel(d_e2, d_e))
