@@ -436,10 +436,10 @@ class Model(nn.Module):
         logits = self(tokens, images, cache)[:, -1]
         for _ in range(max_new_tokens):
             logits[:, never] = -torch.inf                     # first: no temperature revives them
-            if temperature < 1e-30:        # greedy: its limit (float32 rounds tinier ones to 0)
+            if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
-            else:  # from the best logit down: a tiny temperature gives -inf, never inf - inf
-                logits = (logits.float() - logits.max(-1, keepdim=True).values) / temperature
+            else:  # from the best logit down, in float64: any temperature > 0 gives 0 or -inf
+                logits = (logits.double() - logits.max(-1, keepdim=True).values) / temperature
                 if top_k:
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, -torch.inf)
