@@ -3,10 +3,13 @@ Real checkpoints: load HoVLE (the paper's teacher) or a released mmMamba model i
 and write our models in their format.
 
     model, tok = load_hf("path/to/HoVLE", dtype=torch.float32)      # our Model, eval mode
-    pixels = image_tiles("cat.jpg", tok)                             # (1, 3, 448, 448)
-    ids = torch.tensor([prompt_ids(tok, "What is in the image?", model.cfg.n_img_tokens)])
+    chat = HFChat("path/to/HoVLE", tok)             # its template, stop and masked ids, images
+    pixels = chat.image({"path": "cat.jpg"})[None]                   # (1, 3, 448, 448)
+    ids = torch.tensor([chat.prompt("What is in the image?", model.cfg.n_img_tokens)])
     logits = model(ids, pixels)                                      # (1, T, V)
-    answer = tok.decode(list(model.generate(ids, pixels, 256, stop_id=tok.id("<|im_end|>"))))
+    answer = chat.decode(list(model.generate(ids, pixels, 256, stop_id=chat.stop_id,
+                                             never=chat.never)))
+    python distill.py --teacher-hf path/to/HoVLE --data llava.json  # distil it on your data
     python hf.py export --ckpt out/stage3_linear.pt --out DIR        # ours -> their format
 
 The folder, InternVL's layout as HoVLE uses it (arXiv 2502.13145 Sec. 2; docs/method.md §1):
