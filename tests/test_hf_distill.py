@@ -237,3 +237,30 @@ def test_bad_teacher_in_one_line(hovle, llava, tmp_path, case):
     assert r.stderr.strip().count("\n") == 0
     assert not (tmp_path / "out").exists() or not any(
         n.endswith(".pt") for n in os.listdir(tmp_path / "out"))
+
+
+def test_stage3_counts_no_image_slot_of_the_folder(hovle, llava):
+    """Stage 3's KL leaves out padding, the folder's <IMG_CONTEXT> slots (id 42, not our
+    <image>) and the <img> before them: the positions whose next token is an image slot."""
+    chat, (train, _) = hf.HFChat(str(hovle)), data.llava_splits(*llava)
+    teacher, _ = hf.load_hf(str(hovle), torch.float32)
+    tokens, _, images = data.make_batch(train[:3], chat, teacher.cfg)
+    student = hf.load_hf(str(hovle), torch.float32)[0]
+    with torch.no_grad():
+        student.output.weight.mul_(1.5)                      # another distribution: KL > 0
+        total, count = distill.kl_teacher_student(teacher, student, tokens, images)
+    real = (tokens != 0).sum(1)
+    assert count == (real - 4 - 1).sum() and total > 0
+    assert ((tokens == IMG_CTX).sum(1) == 4).all()
+
+
+def test_sample_py_without_the_recorded_folder(hf_run, tmp_path, llava):
+    ckpt = load_checkpoint(str(hf_run / "stage3_linear.pt"))
+    ckpt["hf"] = str(tmp_path / "moved")
+    from util import save_checkpoint
+    save_checkpoint(str(tmp_path / "s.pt"), ckpt)
+    import sample
+    with pytest.raises(InputError, match="moved, which is not there") as e:
+        sample.main(["--ckpt", str(tmp_path / "s.pt"), "--image",
+                     os.path.join(llava[1], "1.png"), "--device", "cpu"])
+    assert "\n" not in str(e.value)
