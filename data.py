@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from mmmamba import PAD_ID, SPECIAL_TOKENS, expand_image_placeholder
+from mmmamba import (IM_END_ID, IMAGE_ID, IMG_END_ID, IMG_START_ID, PAD_ID, SPECIAL_TOKENS,
+                     expand_image_placeholder)
 from util import InputError, read_image, read_llava
 
 # -----------------------------------------------------------------------------
@@ -249,15 +250,38 @@ def encode_prompt(tok, question, n_img_tokens):
     return expand_image_placeholder(encode_chat(tok, prompt_text, question), n_img_tokens)
 
 
+class Chat:
+    """A conversation as ids and an image as a tensor, in this file's template with our
+    tokenizer: what batches and evaluation read. hf.HFChat is the same for a HoVLE folder
+    (its tokenizer, chat template, end-of-turn id and image preprocessing)."""
+    stop_id, never = IM_END_ID, (PAD_ID, IMAGE_ID, IMG_START_ID, IMG_END_ID)  # never sampled
+
+    def __init__(self, tok):
+        self.tok, self.decode, self.image = tok, tok.decode, example_image
+
+    def prompt(self, question, n_img_tokens):
+        return encode_prompt(self.tok, question, n_img_tokens)
+
+    def answer(self, answer):
+        return encode_chat(self.tok, answer_text, answer)
+
+
+def as_chat(tok):
+    """Our tokenizer -> its Chat; a Chat (ours, or hf.HFChat) as it is."""
+    return tok if hasattr(tok, "prompt") else Chat(tok)
+
+
 # -----------------------------------------------------------------------------
 # batches: right-padded, with targets that score only the assistant's answer and <|im_end|>
 # (the answer-only loss of arXiv 2502.13145 Sec. 3; docs/method.md §1)
 
 
 def make_batch(examples, tok, cfg, device="cpu"):
-    """-> tokens (B, T), targets (B, T) with -1 where nothing is scored, images (B, 3, S, S)."""
-    prompts = [encode_prompt(tok, ex["question"], cfg.n_img_tokens) for ex in examples]
-    answers = [encode_chat(tok, answer_text, ex["answer"]) for ex in examples]
+    """-> tokens (B, T), targets (B, T) with -1 where nothing is scored, images (B, 3, S, S).
+    tok: our tokenizer, or a Chat (as_chat)."""
+    chat = as_chat(tok)
+    prompts = [chat.prompt(ex["question"], cfg.n_img_tokens) for ex in examples]
+    answers = [chat.answer(ex["answer"]) for ex in examples]
     T = max(len(p) + len(a) for p, a in zip(prompts, answers)) - 1
     if T > cfg.max_seq_len:
         raise InputError(f"an example of {T} tokens is longer than max_seq_len {cfg.max_seq_len}: "
@@ -268,5 +292,5 @@ def make_batch(examples, tok, cfg, device="cpu"):
         ids = p + a
         tokens[i, :len(ids) - 1] = torch.tensor(ids[:-1])
         targets[i, len(p) - 1:len(ids) - 1] = torch.tensor(a)          # predict the answer tokens
-    images = torch.stack([example_image(ex, cfg.img_size) for ex in examples])
+    images = torch.stack([chat.image(ex, cfg.img_size) for ex in examples])
     return tokens.to(device), targets.to(device), images.to(device)

@@ -10,6 +10,7 @@ order. Evaluation is in evaluate.py, the paper's ablations (Tables 3-6) in ablat
     python distill.py --stage 3 --attn-every 2 # a hybrid of your choice (layers 0, 2, ... kept)
     python distill.py --resume                 # continue a stopped run where it stopped
     python distill.py --data llava.json --image-root images/   # your own data
+    python distill.py --teacher-hf HoVLE --data llava.json     # the real teacher: stages 1-3
     torchrun --nproc_per_node=2 distill.py     # data-parallel: what one process computes
 
 Stage 0 trains the teacher. Seeding (seed.py) copies its W_Q, W_K, W_V, W_O into C, B, x and
@@ -34,7 +35,8 @@ from tqdm import tqdm
 
 import data
 import evaluate
-from mmmamba import IMAGE_ID, IMG_START_ID, PAD_ID, PRESETS, Model
+import hf
+from mmmamba import PAD_ID, PRESETS, Model
 from seed import INITS, hybrid_layout, make_hybrid, parse_layers, seed_student
 from session import CtrlC, Stopped, cli, open_run
 from util import (ArgumentParser, InputError, checkpoint_of, load_checkpoint, model_from_checkpoint,
@@ -80,7 +82,10 @@ def make_parser():
     add("--stage", default="all", choices=["0", "1", "2", "3", "all"],
         help="stage to run (0 trains the teacher); 'all' runs 0-3, linear and hybrid")
     add("--preset", choices=list(PRESETS),
-        help="the teacher's size (default tiny; stages 1-3 read it from the teacher checkpoint)")
+        help="the teacher's size (default tiny; stages 1-3 read it from the teacher checkpoint;"
+        " with --teacher-hf only RECIPE's rows, default paper)")
+    add("--teacher-hf", help="a HoVLE folder as the teacher (docs/real_checkpoints.md): its "
+        "tokenizer, chat template and images; stages 1-3")
     add("--out-dir", default="out", help="checkpoints and results.json (one run at a time)")
     add("--data", help="LLaVA-style conversation JSON (default: the built-in shapes world)")
     add("--image-root", default=".", help="the folder --data's image paths are relative to")
@@ -109,6 +114,9 @@ def check_args(args):
             raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give at least 1")
     if not 0 <= args.seed < 2 ** 32:
         raise InputError(f"--seed {args.seed}: give a seed from 0 to {2 ** 32 - 1}")
+    if args.teacher_hf and args.stage == "0":
+        raise InputError("--stage 0 trains our own teacher; --teacher-hf's folder is the teacher: "
+                         "give --stage 1, 2, 3 or all")
     args.attn_layers = parse_layers(args.attn_layers)
     return args
 
@@ -149,7 +157,8 @@ def kl_teacher_student(teacher, student, tokens, images):
     with torch.no_grad():
         t_logp = teacher(tokens, images).float().log_softmax(-1)                # (B, T, V)
     s_logp = student(tokens, images).float().log_softmax(-1)
-    count = (tokens != PAD_ID) & (tokens != IMAGE_ID) & (tokens != IMG_START_ID)        # (B, T)
+    slot = tokens == student.cfg.img_token_id      # (B, T): <image> (ours), <IMG_CONTEXT> (HoVLE)
+    count = (tokens != PAD_ID) & ~slot & ~slot.roll(-1, 1)      # nor the token before a slot
     kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1)   # (B, T)
     return kl[count].sum(), count.sum()
 
@@ -253,7 +262,8 @@ def train_stage(run, stage, kind, model, teacher=None):
                 train_s = start["train_s"] + time.time() - t0
                 run.save(path, checkpoint_of(
                     model, kind=kind, stage=stage, preset=run.preset, init=args.init,
-                    data=args.data or "shapes world", tokenizer=run.tok.to_str(), done=done,
+                    data=args.data or "shapes world", done=done,  # the tokenizer: ours, or where
+                    **({"hf": run.hf} if run.hf else {"tokenizer": run.tok.to_str()}),  # it is
                     step=step + 1, steps=steps, recipe=[lr, batch, steps], losses=losses,
                     train_s=train_s, optimizer=opt.state_dict(),
                     rng={"batches": batches.get_state(), "torch": torch.get_rng_state()}))
@@ -270,11 +280,12 @@ def resume(run, path, stage, recipe, model, opt, batches):
     if not (run.args.resume and os.path.exists(path)):
         return {"step": 0, "losses": [], "train_s": 0.0, "done": False}
     ckpt = load_checkpoint(path)
-    was = (ckpt.get("stage"), ckpt["config"]["layout"], ckpt.get("recipe", recipe))
-    if was != (stage, model.cfg.layout, recipe):
+    was = (ckpt.get("stage"), ckpt["config"]["layout"], ckpt.get("recipe", recipe), ckpt.get("hf"))
+    if was != (stage, model.cfg.layout, recipe, run.hf):
         raise InputError(f"{path} is stage {was[0]}, layout {was[1]!r}, (lr, batch, steps) "
-                         f"{was[2]}, not stage {stage}, {model.cfg.layout!r}, {recipe} as asked: "
-                         "give the flags it was started with, or delete it")
+                         f"{was[2]}, teacher {was[3] or 'ours'}, not stage {stage}, "
+                         f"{model.cfg.layout!r}, {recipe}, {run.hf or 'ours'} as asked: give the "
+                         "flags it was started with, or delete it")
     model.load_state_dict(ckpt["model"])
     if not ckpt["done"]:
         opt.load_state_dict(ckpt["optimizer"])
@@ -300,6 +311,10 @@ def load_finished(run, stage, kind):
     if (ckpt.get("stage"), ckpt.get("kind")) != (stage, kind):
         raise InputError(f"{path} holds a stage {ckpt.get('stage')} {ckpt.get('kind')} model, "
                          f"not the stage {stage} {kind} model this needs: rerun '{again}'")
+    if ckpt.get("hf") != run.hf:
+        raise InputError(f"{path} was distilled from {ckpt.get('hf') or 'our own teacher'}, not "
+                         f"{run.hf or 'our own teacher'}: give its --teacher-hf, or another "
+                         "--out-dir")
     if run.args.preset and ckpt.get("preset") != run.args.preset:
         raise InputError(f"{path} is from the {ckpt.get('preset')!r} preset, not --preset "
                          f"{run.args.preset}: drop --preset, or use another --out-dir")
@@ -313,7 +328,11 @@ def load_teacher(run, trains_teacher):
     """The model size and tokenizer, from the finished teacher checkpoint, whose model is
     returned frozen; or, for a teacher still to train, the preset (the tokenizer comes with
     the data). Either way before the data loads, so that a wrong flag fails at once."""
-    path = run.path(0, "teacher")
+    path, run.hf = run.path(0, "teacher"), None
+    if run.args.teacher_hf:           # the real teacher, frozen, and its folder's chat format
+        teacher, run.tok = hf.load_teacher(run.args.teacher_hf)
+        run.preset, run.cfg, run.hf = run.args.preset or "paper", teacher.cfg, run.tok.folder
+        return run.to_device(teacher)
     if trains_teacher:
         run.preset = run.args.preset or "tiny"
         run.cfg, run.tok = replace(PRESETS[run.preset], scan_backend=run.args.scan), None
@@ -403,7 +422,8 @@ def check_plan(run, writes):
 
 def main(argv=None):
     args = check_args(make_parser().parse_args(argv))
-    todo = [0, 1, 2, 3] if args.stage == "all" else [int(args.stage)]
+    first = 1 if args.teacher_hf else 0                   # the folder's teacher is trained
+    todo = list(range(first, 4)) if args.stage == "all" else [int(args.stage)]
     t0 = time.time()
     torch.manual_seed(args.seed)
     with open_run(args) as run:

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 import data
-from mmmamba import IM_END_ID, IM_START_ID
 from util import InputError
 
 
@@ -43,9 +42,11 @@ def normalise(text):
 @torch.no_grad()
 def greedy_answers(model, examples, tok, max_new_tokens=8, batch_size=128):
     """Greedy answers, decoded as Model.generate does (prefill, then one cached step per
-    token) but for many prompts at once: prompts of equal length go together, so no padding."""
-    cfg, device = model.cfg, model.output.weight.device
-    prompts = [data.encode_prompt(tok, ex["question"], cfg.n_img_tokens) for ex in examples]
+    token) but for many prompts at once: prompts of equal length go together, so no padding.
+    tok: our tokenizer, or a data.Chat / hf.HFChat (its template, images, stop and masked ids)."""
+    cfg, device, chat = model.cfg, model.output.weight.device, data.as_chat(tok)
+    prompts = [chat.prompt(ex["question"], cfg.n_img_tokens) for ex in examples]
+    never, stop = torch.tensor([*chat.never, cfg.img_token_id], device=device), chat.stop_id
     by_length = defaultdict(list)
     for i, p in enumerate(prompts):
         by_length[len(p)].append(i)
@@ -54,20 +55,20 @@ def greedy_answers(model, examples, tok, max_new_tokens=8, batch_size=128):
         for j in range(0, len(group), batch_size):
             ids = group[j:j + batch_size]
             tokens = torch.tensor([prompts[i] for i in ids], device=device)        # (B, T)
-            images = torch.stack([data.example_image(examples[i], cfg.img_size)
+            images = torch.stack([chat.image(examples[i], cfg.img_size)
                                   for i in ids]).to(device)                       # (B, 3, S, S)
             cache = model.new_cache(len(ids), min(cfg.max_seq_len, length + max_new_tokens))
             out = []
             with autocast(device):
                 logits = model(tokens, images, cache)[:, -1]                        # (B, V)
                 while len(out) < max_new_tokens:
-                    logits[:, :IM_START_ID] = -torch.inf        # never pad or image tokens
+                    logits[:, never] = -torch.inf           # as Model.generate: never these
                     out.append(logits.argmax(-1, keepdim=True))                    # (B, 1)
-                    if (torch.cat(out, 1) == IM_END_ID).any(1).all() or cache.pos >= cache.max_len:
+                    if (torch.cat(out, 1) == stop).any(1).all() or cache.pos >= cache.max_len:
                         break
                     logits = model(out[-1], None, cache)[:, -1]
             for i, row in zip(ids, torch.cat(out, 1).tolist()):
-                answers[i] = tok.decode(row[:row.index(IM_END_ID)] if IM_END_ID in row else row)
+                answers[i] = chat.decode(row[:row.index(stop)] if stop in row else row)
     return answers
 
 

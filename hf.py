@@ -3,10 +3,13 @@ Real checkpoints: load HoVLE (the paper's teacher) or a released mmMamba model i
 and write our models in their format.
 
     model, tok = load_hf("path/to/HoVLE", dtype=torch.float32)      # our Model, eval mode
-    pixels = image_tiles("cat.jpg", tok)                             # (1, 3, 448, 448)
-    ids = torch.tensor([prompt_ids(tok, "What is in the image?", model.cfg.n_img_tokens)])
+    chat = HFChat("path/to/HoVLE", tok)             # its template, stop and masked ids, images
+    pixels = chat.image({"path": "cat.jpg"})[None]                   # (1, 3, 448, 448)
+    ids = torch.tensor([chat.prompt("What is in the image?", model.cfg.n_img_tokens)])
     logits = model(ids, pixels)                                      # (1, T, V)
-    answer = tok.decode(list(model.generate(ids, pixels, 256, stop_id=tok.id("<|im_end|>"))))
+    answer = chat.decode(list(model.generate(ids, pixels, 256, stop_id=chat.stop_id,
+                                             never=chat.never)))
+    python distill.py --teacher-hf path/to/HoVLE --data llava.json  # distil it on your data
     python hf.py export --ckpt out/stage3_linear.pt --out DIR        # ours -> their format
 
 The folder, InternVL's layout as HoVLE uses it (arXiv 2502.13145 Sec. 2; docs/method.md §1):
@@ -41,8 +44,8 @@ from PIL import Image
 
 import data
 from mmmamba import Config, Model
-from util import (ArgumentParser, InputError, load_checkpoint, model_from_checkpoint, read_image,
-                  run_cli, tokenizer_from_checkpoint)
+from util import (ArgumentParser, InputError, load_checkpoint, model_from_checkpoint, number,
+                  read_image, run_cli, tokenizer_from_checkpoint)
 
 # -----------------------------------------------------------------------------
 # safetensors
@@ -108,6 +111,39 @@ def write_safetensors(path, tensors, dtype):
 # the folder: config.json and the weights, one file or shards by the index's weight_map
 
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def write_weights(path, tensors, dtype, shard_bytes):
+    """One model.safetensors; or, past shard_bytes, shards model-0000K-of-0000N.safetensors of
+    at most shard_bytes each (a larger tensor alone in one) and the index whose weight_map
+    names each tensor's shard, as the Hub's large models are stored. Weights of an earlier
+    export that the new files do not replace are removed afterwards: a leftover
+    model.safetensors would be read instead of the new shards."""
+    shards, size = [[]], 0
+    for name, t in tensors.items():                     # in the table's order, filled in turn
+        n = t.numel() * dtype.itemsize
+        if shards[-1] and size + n > shard_bytes:
+            shards, size = shards + [[]], 0
+        shards[-1].append(name)
+        size += n
+    files = [WEIGHTS] if len(shards) == 1 else [
+        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    for file, names in zip(files, shards):
+        write_safetensors(os.path.join(path, file), {k: tensors[k] for k in names}, dtype)
+    if len(files) > 1:
+        total = sum(t.numel() * dtype.itemsize for t in tensors.values())
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: f for f, names in zip(files, shards) for k in names}}
+        with open(os.path.join(path, INDEX + ".tmp"), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+        os.replace(os.path.join(path, INDEX + ".tmp"), os.path.join(path, INDEX))
+    keep = set(files) | ({INDEX} if len(files) > 1 else set())
+    for old in os.listdir(path):
+        if (old in (WEIGHTS, INDEX) or SHARD.fullmatch(old)) and old not in keep:
+            os.remove(os.path.join(path, old))
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 
@@ -337,11 +373,12 @@ SHAPE = ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "head_dim", 
          "img_size", "img_patch", "img_merge", "img_dim", "img_token_id", "layout", "conv_kernel")
 
 
-def export_hf(model, path, tokenizer=None, like=None, dtype=torch.bfloat16):
+def export_hf(model, path, tokenizer=None, like=None, dtype=torch.bfloat16, shard_bytes=5e9):
     """Write `model` as a HoVLE folder (all attention) or a released-mmMamba one (any Mamba-2
     layer; arXiv 2502.13145 Sec. 4.5; docs/method.md §6). like: the HFTokenizer of the folder
     it was distilled from (load_hf's second value, or HFTokenizer(dir)), whose config.json and
-    tokenizer files are carried over; else tokenizer (ours) is saved as tokenizer.json."""
+    tokenizer files are carried over; else tokenizer (ours) is saved as tokenizer.json.
+    Weights of more than shard_bytes are written as shards (write_weights)."""
     cfg = model.cfg
     hf = deepcopy(like.config) if like is not None else hf_config(cfg)
     e, l = hf["embedding_config"], hf["llm_config"]
@@ -367,7 +404,7 @@ def export_hf(model, path, tokenizer=None, like=None, dtype=torch.bfloat16):
         tensors.update(zip(their_keys, to_theirs(*(sd[k] for k in our_keys))))
     tensors.update({k: make(sd) for k, make in UNUSED.items()})
     os.makedirs(path, exist_ok=True)
-    write_safetensors(os.path.join(path, WEIGHTS), tensors, dtype)      # one file, any size
+    write_weights(path, tensors, dtype, shard_bytes)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf, f, indent=2, ensure_ascii=False)
     for name in TOKENIZER_FILES if like is not None else ():
@@ -425,6 +462,14 @@ class HFTokenizer:
             ids += [self.special[piece]] if piece in self.special else self.sp.encode(piece)
         return ids
 
+    def plain(self, text):
+        """Ids of user text as text, no BOS: a special token typed into it ("<IMG_CONTEXT>")
+        stays text, cut one character into every place one starts (as data.encode_plain)."""
+        cuts = sorted({m.start() + 1 for name in self.special
+                       for m in re.finditer(re.escape(name), text)})
+        return [i for a, b in zip([0] + cuts, cuts + [len(text)])
+                for i in self.encode(text[a:b], bos=False)]
+
     def decode(self, ids, skip_special_tokens=True):  # special tokens are always skipped
         if self.tok is not None:
             return self.tok.decode(ids, skip_special_tokens=True)
@@ -446,18 +491,18 @@ SYSTEM = ("你是由上海人工智能实验室联合商汤科技开发的书生
 def prompt_ids(tok, question, n_img_tokens, system=SYSTEM):
     """Ids of one turn about one image tile, up to the assistant's header, in internlm2-chat
     (ChatML with a system message): the image is <img>, n_img_tokens <IMG_CONTEXT> (the slots
-    the model fills with the tile's tokens), </img>, then the question. A folder we exported
-    (template "mmmamba") gets our own template, data.prompt_text."""
+    the model fills with the tile's tokens), </img>, then the question, as plain text (a special
+    token typed into it stays text). A folder we exported (template "mmmamba") gets our own
+    template, data.prompt_text."""
     if tok.template == "mmmamba" and tok.tok is not None:
         return data.encode_prompt(tok.tok, question, n_img_tokens)
     if tok.template not in ("internlm2-chat", "mmmamba"):
         raise InputError(f"{tok.folder}: chat template {tok.template!r} is not implemented")
-    typed = [s for s in tok.special if s in question]
-    if typed:  # the user's text stays text: a typed <IMG_CONTEXT> would become an image slot
-        raise InputError(f"the question holds the special token {typed[0]}: leave it out")
     image = "<img>" + "<IMG_CONTEXT>" * n_img_tokens + "</img>"
-    ids = tok.encode(f"<|im_start|>system\n{system}<|im_end|><|im_start|>user\n{image}\n"
-                     f"{question}<|im_end|><|im_start|>assistant\n")
+    # the question is the text between </img> and <|im_end|>: encoded alone, as it would be
+    # in the whole string (the tokenizers split at special tokens first)
+    ids = (tok.encode(f"<|im_start|>system\n{system}<|im_end|><|im_start|>user\n{image}")
+           + tok.plain("\n" + question) + tok.encode("<|im_end|><|im_start|>assistant\n", False))
     slot = tok.config["embedding_config"]["img_context_token_id"]
     if ids.count(slot) != n_img_tokens:
         raise InputError(f"the tokenizer of {tok.folder} does not map <IMG_CONTEXT> to "
@@ -465,14 +510,68 @@ def prompt_ids(tok, question, n_img_tokens, system=SYSTEM):
     return ids
 
 
+class HFChat:
+    """A folder's chat format, with data.Chat's interface, which batches and evaluation read:
+    prompt ids in its template, answer ids ending with its end-of-turn token, an example's
+    image as its tile, the id that stops an answer, the ids never sampled (the image markers),
+    decoding with its tokenizer. The folder is kept absolute: checkpoints record it."""
 
-def sample_inputs(path, image_path, question, device):
-    """What sample.py --hf needs: the model (float32 on a CPU, the folder's bf16 on a GPU), its
-    tokenizer, one image tile and the prompt ids on `device`, and the id that ends an answer."""
+    def __init__(self, folder, tok=None):
+        self.tok, self.folder = tok or HFTokenizer(folder), os.path.abspath(folder)
+        if self.tok.tok is None and self.tok.sp is None:
+            raise InputError(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model): "
+                             "copy the release's tokenizer files into it")
+        self.stop_id, self.decode = self.tok.id("<|im_end|>"), self.tok.decode
+        marks = ("<pad>", "<image>", "<img>", "</img>", "<IMG_CONTEXT>")       # ours, HoVLE's
+        self.never = tuple(self.tok.special[m] for m in marks if m in self.tok.special)
+
+    def prompt(self, question, n_img_tokens):
+        return prompt_ids(self.tok, question, n_img_tokens)
+
+    def answer(self, answer):
+        """The answer continues the prompt's "assistant\n": encoded with it, as the whole turn
+        is in training (a sentencepiece tokenizer would start a lone answer with a space)."""
+        if self.tok.template == "mmmamba" and self.tok.tok is not None:
+            return data.encode_chat(self.tok.tok, data.answer_text, answer)
+        head, ids = self.tok.encode("assistant\n", False), self.tok.plain("assistant\n" + answer)
+        ids = ids[len(head):] if ids[:len(head)] == head else self.tok.plain(answer)
+        return ids + [self.stop_id]
+
+    def image(self, ex, size=None):
+        """A data.py example's image (drawn from its scene, or read from its path) as a tile."""
+        img = data.draw_scene(ex["scene"]) if "scene" in ex else read_image(ex["path"])
+        return tile(img, self.tok)
+
+
+def load_teacher(path, device="cpu"):
+    """distill.py --teacher-hf: a HoVLE folder as the frozen teacher, in float32 (the students
+    train as float32 copies of it; on a GPU autocast computes in bf16), and its chat format.
+    A released mmMamba student, or a folder without a tokenizer, is refused before the weights
+    are read."""
+    chat = HFChat(path)
+    if "M" in config_of(chat.tok.config).kinds:
+        raise InputError(f"{path} is an mmMamba student (its layers_block_type has mamba2 "
+                         "layers): --teacher-hf takes the HoVLE teacher, all attention")
+    model, _ = load_hf(path, torch.float32, device)
+    return model.requires_grad_(False), chat
+
+
+def checkpoint_chat(ckpt, where):
+    """The chat format a distill.py checkpoint was trained in: ours (its tokenizer inside), or
+    its --teacher-hf folder's (recorded as "hf": the tokenizer is there)."""
+    if "hf" not in ckpt:
+        return data.Chat(tokenizer_from_checkpoint(ckpt, where))
+    if not os.path.isdir(ckpt["hf"]):
+        raise InputError(f"{where} was distilled from {ckpt['hf']}, which is not there: it holds "
+                         "the tokenizer; put the folder back")
+    return HFChat(ckpt["hf"])
+
+
+def sample_model(path, device):
+    """sample.py --hf: the model (float32 on a CPU, the folder's bf16 on a GPU), its chat."""
     model, tok = load_hf(path, torch.float32 if device.type == "cpu" else None, device)
-    image = image_tiles(image_path, tok).to(device)
-    tokens = torch.tensor([prompt_ids(tok, question, model.cfg.n_img_tokens)], device=device)
-    return model, tok, image, tokens, tok.id("<|im_end|>")
+    return model, HFChat(path, tok)
+
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet
 
@@ -504,14 +603,18 @@ def main(argv=None):
     ap.add_argument("--ckpt", required=True, help="e.g. out/stage3_linear.pt")
     ap.add_argument("--out", required=True, help="the folder to write")
     ap.add_argument("--like", help="the HoVLE folder it was distilled from: its config.json "
-                    "and tokenizer are carried over")
+                    "and tokenizer are carried over (default: the --teacher-hf it records)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="of the weights")
+    ap.add_argument("--shard-gb", type=number(float, 1e-9), default=5.0,
+                    help="larger weights are written as shards of at most this many GB")
     args = ap.parse_args(argv)
     ckpt = load_checkpoint(args.ckpt)
     model = model_from_checkpoint(ckpt, args.ckpt)
-    like = HFTokenizer(args.like) if args.like else None
+    like = args.like or ckpt.get("hf")           # distilled with --teacher-hf: that folder's
+    like = HFTokenizer(like) if like else None
     tok = tokenizer_from_checkpoint(ckpt, args.ckpt) if not like and "tokenizer" in ckpt else None
-    export_hf(model, args.out, tok, like, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    export_hf(model, args.out, tok, like, torch.bfloat16 if args.dtype == "bf16" else torch.float32,
+              args.shard_gb * 1e9)
     n_mamba = model.cfg.kinds.count("M")
     print(f"wrote {args.out}: {n_mamba} Mamba-2 + {model.cfg.n_layer - n_mamba} attention "
           f"layers ({model.cfg.kinds}), {args.dtype}", file=sys.stderr)

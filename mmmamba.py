@@ -425,20 +425,21 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def generate(self, tokens, images=None, max_new_tokens=32, temperature=0.0, top_k=None,
-                 stop_id=IM_END_ID, generator=None):
+                 stop_id=IM_END_ID, never=(PAD_ID, IMAGE_ID, IMG_START_ID, IMG_END_ID),
+                 generator=None):
         """Stream new token ids: prefill the prompt once, then one cached step per token.
-        temperature 0 is greedy. tokens: (1, T)."""
+        temperature 0 is greedy. tokens: (1, T). stop_id and never (ids never emitted, with the
+        image slot) are the tokenizer's: ours by default, a HoVLE folder's from hf.HFChat."""
         cache = self.new_cache(tokens.shape[0],
                                min(self.cfg.max_seq_len, tokens.shape[1] + max_new_tokens))
-        never = torch.tensor([PAD_ID, IMAGE_ID, IMG_START_ID, IMG_END_ID, self.cfg.img_token_id],
-                             device=tokens.device)
+        never = torch.tensor([*never, self.cfg.img_token_id], device=tokens.device)
         logits = self(tokens, images, cache)[:, -1]
         for _ in range(max_new_tokens):
-            logits[:, never] = -torch.inf                     # image slots come from images
+            logits[:, never] = -torch.inf                     # first: no temperature revives them
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits.float() / temperature
+            else:  # from the best logit down, in float64: any temperature > 0 gives 0 or -inf
+                logits = (logits.double() - logits.max(-1, keepdim=True).values) / temperature
                 if top_k:
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, -torch.inf)

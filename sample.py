@@ -16,9 +16,9 @@ import sys
 import torch
 
 import data
-from mmmamba import IM_END_ID
+import hf
 from util import (ArgumentParser, InputError, folder, get_device, load_checkpoint,
-                  model_from_checkpoint, number, run_cli, tokenizer_from_checkpoint, user_text)
+                  model_from_checkpoint, number, run_cli, user_text)
 
 CKPTS = {"teacher": "stage0_teacher.pt", "linear": "stage3_linear.pt", "hybrid": "stage3_hybrid.pt"}
 SHAPES = "the built-in shapes world: it answers about shapes, colours, places, whatever the image"
@@ -40,21 +40,18 @@ def main(argv=None):
     ap.add_argument("--device", help="cuda, cpu, ... (default: cuda if available, else cpu)")
     args = ap.parse_args(argv)
     device = get_device(args.device)
-    # ever colder sampling tends to greedy; below this, logits / temperature overflows float32
-    temperature = args.temperature if args.temperature > 1e-6 else 0.0
 
     if args.hf:             # the real teacher or a released student: their tokenizer and template
-        import hf
-        path, ckpt, (model, tok, image, tokens, stop) = args.hf, {"data": "HoVLE's data"}, \
-            hf.sample_inputs(args.hf, args.image, args.prompt, device)
+        path, ckpt = args.hf, {"data": "HoVLE's data"}
+        model, chat = hf.sample_model(args.hf, device)
     else:
         path = args.ckpt or os.path.join(args.out_dir or "out", CKPTS[args.model])
         ckpt = load_checkpoint(path)
-        tok, stop = tokenizer_from_checkpoint(ckpt, path), IM_END_ID
+        chat = hf.checkpoint_chat(ckpt, path)        # ours, or its --teacher-hf folder's
         model = model_from_checkpoint(ckpt, path).to(device).eval()
-        image = data.load_image(args.image, model.cfg.img_size)[None].to(device)   # (1, 3, S, S)
-        tokens = torch.tensor([data.encode_prompt(tok, args.prompt, model.cfg.n_img_tokens)])
-    cfg, tokens = model.cfg, tokens.to(device)
+    cfg = model.cfg
+    image = chat.image({"path": args.image}, cfg.img_size)[None].to(device)       # (1, 3, S, S)
+    tokens = torch.tensor([chat.prompt(args.prompt, cfg.n_img_tokens)], device=device)
     if tokens.shape[1] >= cfg.max_seq_len:
         raise InputError(f"the prompt is {tokens.shape[1]} tokens, longer than this model's "
                          f"{cfg.max_seq_len - 1}: ask a shorter question")
@@ -69,10 +66,10 @@ def main(argv=None):
     print(f"user: {args.prompt}\nassistant: ", end="", flush=True)
     generator = torch.Generator(device).manual_seed(args.seed)
     ids, shown = [], ""
-    for t in model.generate(tokens, image, args.max_new_tokens, temperature, args.top_k,
-                            stop_id=stop, generator=generator):
+    for t in model.generate(tokens, image, args.max_new_tokens, args.temperature, args.top_k,
+                            stop_id=chat.stop_id, never=chat.never, generator=generator):
         ids.append(t)
-        text = tok.decode(ids, skip_special_tokens=True)    # decode all so far: byte pieces join up
+        text = chat.decode(ids)          # all so far, special tokens left out: byte pieces join up
         print(text[len(shown):], end="", flush=True)
         shown = text
     print()

@@ -354,6 +354,35 @@ def test_export_round_trip(tmp_path, layout):
     assert ("layers_block_type" in c["llm_config"]) == ("M" in layout)
 
 
+def test_sharded_export_round_trip(tmp_path):
+    """Past the shard size: shards of at most that many bytes (a larger tensor alone in one)
+    and an index naming each tensor's shard, which load back to the same model; exported
+    again as one file, the shards and the index are gone (load_hf would read the one file)."""
+    model, out, limit = student("MAAM"), tmp_path / "out", 20_000
+    save_checkpoint(str(tmp_path / "s.pt"), checkpoint_of(model))
+    hf.main(["export", "--ckpt", str(tmp_path / "s.pt"), "--out", str(out), "--dtype", "fp32",
+             "--shard-gb", str(limit / 1e9)])
+    shards = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert len(shards) > 3 and shards[-1] == f"model-{len(shards):05d}-of-{len(shards):05d}" \
+        ".safetensors" and "model.safetensors" not in shards
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    total = 0
+    for shard in shards:
+        _, header = hf.read_header(str(out / shard))
+        sizes = [e["data_offsets"][1] - e["data_offsets"][0] for e in header.values()]
+        assert sum(sizes) <= limit or len(sizes) == 1, shard
+        assert set(header) == {k for k, f in index["weight_map"].items() if f == shard}
+        total += sum(sizes)
+    assert index["metadata"]["total_size"] == total
+    back, _ = hf.load_hf(str(out))
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    hf.export_hf(model, str(out), dtype=torch.float32)                  # 5 GB: one file
+    assert sorted(f for f in os.listdir(out) if "safetensors" in f) == ["model.safetensors"]
+    back, _ = hf.load_hf(str(out))
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 def test_export_is_read_as_the_format(tmp_path, mmmamba):
     """Export of a loaded mmMamba folder gives back the file's tensors, every key, bit for bit:
     our writer and the table's inverse agree with the format, not only with our reader."""
@@ -507,8 +536,11 @@ def test_prompt_ids_internlm2_chat(hovle):
     assert ids == [38, v["system"], v["be"], v["kind"], 39, 38, v["user"], 40, 42, 42, 42, 42, 41,
                    v["what"], v["is"], v["it"], v["?"], 39, 38, v["assistant"]]
     assert tok.id("<|im_end|>") == 39 and tok.decode([v["what"], 39, v["it"]]) == "what it"
-    with pytest.raises(InputError, match="special token <IMG_CONTEXT>"):   # typed: stays out
-        hf.prompt_ids(tok, "what is <IMG_CONTEXT> ?", 4)
+    typed = hf.prompt_ids(tok, "what is <IMG_CONTEXT> ?", 4, system="be kind")  # stays text:
+    assert typed.count(42) == 4 and typed.count(0) >= 1      # no fifth image slot, <unk> words
+    assert len(typed) > len(ids) and typed[:13] == ids[:13] and typed[-3:] == ids[-3:]
+    plain = tok.plain("is <|im_end|>")                                  # cut, never the id
+    assert plain[0] == v["is"] and set(plain[1:]) == {0} and tok.encode("<|im_end|>") == [39]
     bad = hf.HFTokenizer(str(folder), {**tok.config, "embedding_config": {
         **tok.config["embedding_config"], "img_context_token_id": 41}})
     with pytest.raises(InputError, match="does not map <IMG_CONTEXT>"):
@@ -566,19 +598,56 @@ def test_image_tiles(tmp_path, hovle):
         hf.image_tiles(str(tmp_path / "none.png"), tok)
 
 
-def test_generate_with_the_folders_stop_id(hovle):
-    """Model.generate on a loaded folder, with its own stop id (hf's tokenizer gives
-    <|im_end|>'s): cached greedy decoding == the full forward, and it stops right after."""
+def test_generate_with_the_folders_ids(hovle):
+    """Model.generate on a loaded folder, with its own stop id and masked ids (hf.HFChat:
+    <|im_end|>'s, and <img>, </img>, <IMG_CONTEXT>): cached greedy decoding == the full
+    forward with exactly those masked, so HoVLE's ids 0-3 (ours pad and image markers, its
+    <unk>, <s>, </s>) can be emitted; and it stops right after the stop id."""
     folder, _, _ = hovle
+    toy_tokenizer(folder)
+    try:
+        chat = hf.HFChat(str(folder))
+    finally:
+        os.remove(folder / "tokenizer.json")
+    assert chat.stop_id == 39 and set(chat.never) == {40, 41, 42}
     model, _ = hf.load_hf(str(folder), dtype=F64)
     x = torch.tensor([IDS])
-    out = list(model.generate(x, pixels(), max_new_tokens=6, stop_id=-1))
+    with torch.no_grad():       # id 2 scaled up to win the first step: ours would mask it
+        first = model(x, pixels())[0, -1]
+        first[[40, 41, 42]] = -torch.inf
+        model.output.weight[2] = model.output.weight[int(first.argmax())] * 3
+    out = list(model.generate(x, pixels(), max_new_tokens=6, stop_id=-1, never=chat.never))
     with torch.no_grad():
         logits = model(torch.tensor([IDS + out[:-1]]), pixels())[0, len(IDS) - 1:]
-    logits[:, [0, 1, 2, 3, IMG_CTX]] = -torch.inf      # what Model.generate never emits
-    assert len(out) == 6 and logits.argmax(-1).tolist() == out
+    logits[:, [40, 41, 42]] = -torch.inf
+    assert len(out) == 6 and logits.argmax(-1).tolist() == out and out[0] == 2
+    assert next(model.generate(x, pixels(), 1, stop_id=-1)) != 2        # our default masks it
     stop = out[2]
-    assert list(model.generate(x, pixels(), 6, stop_id=stop)) == out[:out.index(stop) + 1]
+    assert list(model.generate(x, pixels(), 6, stop_id=stop, never=chat.never)) == out[
+        :out.index(stop) + 1]
+
+
+def test_sampling_masks_first_and_tiny_temperatures_are_greedy(hovle):
+    """The masked ids are never sampled, however hot; any temperature above 0, down to the
+    smallest float, gives the greedy tokens (logits are taken from their maximum first, in
+    float64: 0 or -inf, never inf - inf), so sample.py needs no threshold for greedy."""
+    folder, _, _ = hovle
+    model, _ = hf.load_hf(str(folder), dtype=torch.float32)
+    x, never = torch.tensor([IDS]), (40, 41, 7)
+    greedy = list(model.generate(x, pixels().float(), 5, stop_id=-1, never=never))
+    for t in (1e-6, 1e-37, 1e-300, 5e-324):             # 5e-324: the smallest float
+        g = torch.Generator().manual_seed(0)
+        assert list(model.generate(x, pixels().float(), 5, t, stop_id=-1, never=never,
+                                   generator=g)) == greedy, t
+    g, seen = torch.Generator().manual_seed(1), set()
+    for _ in range(20):
+        seen |= set(model.generate(x, pixels().float(), 4, 100.0, stop_id=-1, never=never,
+                                   generator=g))
+    assert len(seen) > 10 and not seen & {40, 41, 42, 7}         # hot, and never a masked id
+    g = torch.Generator().manual_seed(2)
+    top = list(model.generate(x, pixels().float(), 3, 100.0, top_k=1, stop_id=-1, never=never,
+                              generator=g))
+    assert top == greedy[:3]                                      # top-1 after the mask
 
 
 def test_sample_py_hf_answers_what_generate_gives(tmp_path, hovle, capsys):
@@ -596,7 +665,7 @@ def test_sample_py_hf_answers_what_generate_gives(tmp_path, hovle, capsys):
         model, tok = hf.load_hf(str(folder), torch.float32)
         tokens = torch.tensor([hf.prompt_ids(tok, "what is it ?", model.cfg.n_img_tokens)])
         ids = list(model.generate(tokens, hf.image_tiles(str(tmp_path / "x.png"), tok), 5,
-                                  stop_id=tok.id("<|im_end|>")))
+                                  stop_id=tok.id("<|im_end|>"), never=(40, 41)))
     finally:
         os.remove(folder / "tokenizer.json")
     out = capsys.readouterr()
