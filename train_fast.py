@@ -317,9 +317,10 @@ _plain_train_stage = distill.train_stage
 
 def train_stage(run, stage, kind, model, teacher=None, graphs=None):
     """distill.train_stage(run, stage, kind, model, teacher), faster on one GPU. More than one
-    process runs the plain loop (its all-reduces are per step). graphs: CUDA graphs, default on
-    CUDA; False runs the same step eagerly (the CPU tests)."""
-    if run.world > 1:
+    process runs the plain loop (its all-reduces are per step), and so does a teacher read from
+    a HoVLE folder (--teacher-hf: its chat format is the folder's, which Batches does not
+    cache). graphs: CUDA graphs, default on CUDA; False runs the same step eagerly (CPU tests)."""
+    if run.world > 1 or getattr(run, "hf", None):
         return _plain_train_stage(run, stage, kind, model, teacher)
     graphs = run.device.type == "cuda" if graphs is None else graphs
     args, path = run.args, run.path(stage, kind)
