@@ -6,6 +6,7 @@ greedy evaluation equals Model.generate and sample.py."""
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = Config(vocab_size=400, n_layer=4, d_model=32, n_head=2, n_kv_head=1, head_dim=16,
                d_mlp=64, max_seq_len=128, img_size=16, img_patch=8, img_dim=16, chunk_size=16,
                scan_backend="torch")
-N_TRAIN = 300                   # shapes-world training images in these runs (distill: 20000)
+N_TRAIN = 300                   # shapes-world training images in these runs (distill: more)
 FAST = ["--preset", "micro", "--batch-size", "4", "--eval-samples", "12", "--scan", "torch",
         "--device", "cpu"]
 STEPS = ["--steps0", "6", "--steps1", "3", "--steps2", "3", "--steps3", "3", "--save-every", "2"]
@@ -187,7 +188,9 @@ def test_resume_continues_an_interrupted_stage_exactly(tmp_path, monkeypatch):
     assert (ckpt["step"], ckpt["done"]) == (4, False)                        # the save at step 4
     with pytest.raises(InputError, match="unfinished stage 0.*--resume"):
         distill_main(monkeypatch, ["--stage", "1", "--out-dir", str(cut)])
-    with pytest.raises(InputError, match=r"\(lr, batch, steps\) \[0.0005, 4, 6\].*flags it was"):
+    lr = distill.RECIPE[0]["tiny"][0]              # the micro preset trains with tiny's recipe
+    recipe = re.escape(f"(lr, batch, steps) {[lr, 4, 6]}")
+    with pytest.raises(InputError, match=recipe + ".*flags it was"):
         distill_main(monkeypatch, ["--stage", "0", "--resume", "--steps0", "7",
                                    "--out-dir", str(cut)])
     distill_main(monkeypatch, ["--stage", "0", "--resume", "--out-dir", str(cut)])
@@ -510,8 +513,22 @@ def test_ablation_plans_match_the_paper_tables():
     assert all(shared for _, _, shared in runs)
 
 
+# ablate.py for the runs that ablate.main starts (`python HERE/ablate.py row ...`): the real
+# one, on this file's smaller shapes world
+ABLATE = f"""import sys
+sys.path[0] = {ROOT!r}
+import distill
+distill.N_TRAIN_IMAGES = {N_TRAIN}
+import ablate, session
+session.cli(ablate.main)
+"""
+
+
 def test_ablate_runs_a_table_from_one_teacher(run_all, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")                         # for its runs' processes
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "ablate.py").write_text(ABLATE)
+    monkeypatch.setattr(ablate, "HERE", str(tmp_path / "bin"))
     run_dir = with_teacher(run_all, tmp_path / "run")
     shutil.copy(run_all / "results.json", run_dir / "results.json")    # holds the teacher's record
     flags = ["--batch-size", "4", "--eval-samples", "12", "--scan", "torch", "--device", "cpu",

@@ -28,7 +28,7 @@ from util import InputError, load_checkpoint, model_from_checkpoint, run_cli, sa
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = "Config(vocab_size=400, n_layer=2, d_model=32, n_head=2, n_kv_head=1, head_dim=16, " \
         "d_mlp=64, max_seq_len=96, img_size=16, img_patch=8, img_dim=16, chunk_size=16)"
-N_TRAIN = 300                   # shapes-world training images in these runs (distill: 20000)
+N_TRAIN = 300                   # shapes-world training images in these runs (distill: more)
 FAST = ["--preset", "micro", "--batch-size", "4", "--eval-samples", "8", "--scan", "torch",
         "--device", "cpu"]
 # a stand-in for distill.py / sample.py with the micro preset, so subprocesses stay small
@@ -434,14 +434,14 @@ def test_distill_bad_data_file(tmp_path, monkeypatch, capsys):
 
 # --- crashes and numerics ------------------------------------------------------------------
 
-# the run stops in its save at step 30, as if killed while writing: half a temporary file on
+# the run stops in its save at step 9, as if killed while writing: half a temporary file on
 # disk, then it tells the test (the marker) and waits to be killed
 KILLED_WHILE_SAVING = """
 import signal
 import util
 save_checkpoint = util.save_checkpoint
 def save_then_stop(path, ckpt):
-    if ckpt["step"] == 30 and not ckpt["done"]:
+    if ckpt["step"] == 9 and not ckpt["done"]:
         with open(path + ".tmp", "wb") as f:
             f.write(b"half a checkpoint")
         open({marker!r}, "w").close()
@@ -454,7 +454,7 @@ distill.save_checkpoint = util.save_checkpoint = save_then_stop
 def test_sigkill_mid_save_then_resume(tmp_path, capsys):
     out, marker = tmp_path / "out", tmp_path / "stopped"
     ckpt = out / "stage0_teacher.pt"
-    args = [*FAST, "--stage", "0", "--steps0", "40", "--save-every", "10", "--out-dir", str(out)]
+    args = [*FAST, "--stage", "0", "--steps0", "12", "--save-every", "3", "--out-dir", str(out)]
     stopping = script(tmp_path, "distill", KILLED_WHILE_SAVING.format(marker=str(marker)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, stopping, *args], stdout=subprocess.DEVNULL,
@@ -463,20 +463,20 @@ def test_sigkill_mid_save_then_resume(tmp_path, capsys):
     # run that hangs into a failure
     deadline = time.time() + 900
     while not marker.exists():
-        assert proc.poll() is None, "the run ended before its save at step 30"
-        assert time.time() < deadline, "no save at step 30 after 15 minutes: the run hangs"
+        assert proc.poll() is None, "the run ended before its save at step 9"
+        assert time.time() < deadline, "no save at step 9 after 15 minutes: the run hangs"
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)                        # no chance to clean up
     proc.wait()
     assert (out / "stage0_teacher.pt.tmp").exists()          # the half-written save
     killed = load_checkpoint(ckpt)                           # the file on disk always loads
-    assert killed["step"] == 20 and not killed["done"] and len(killed["losses"]) == 20
+    assert killed["step"] == 6 and not killed["done"] and len(killed["losses"]) == 6
     capsys.readouterr()
     distill.main([*args, "--resume"])               # not about the process: in this one
-    assert "resuming at step 20 of 40" in capsys.readouterr().out
+    assert "resuming at step 6 of 12" in capsys.readouterr().out
     done = load_checkpoint(ckpt)
-    assert done["done"] and done["step"] == 40 and len(done["losses"]) == 40
-    assert done["losses"][:20] == killed["losses"]
+    assert done["done"] and done["step"] == 12 and len(done["losses"]) == 12
+    assert done["losses"][:6] == killed["losses"]
     assert not [f for f in os.listdir(out) if ".tmp" in f]  # no temporary files left behind
 
 
