@@ -389,9 +389,42 @@ def torchrun(script, *args, **kw):
                           env=ONE_THREAD, **kw)
 
 
-def test_torchrun_input_error_is_one_line(tmp_path):
-    r = torchrun(micro_script(tmp_path), *FAST, "--batch-size", "7",
-                 "--out-dir", str(tmp_path / "o"), timeout=600)
+# Three runs of distill.py in one torchrun (its start, three imports of torch, is most of the
+# time): stage 0 in one out-dir and the other stages in a second, their stderr (progress bars)
+# to a log; then a run that fails on its input, on the torchrun's own stderr. The runs share
+# one process group, as torch does not re-create its default group reliably once destroyed
+# (seen to hang when one process reached the next run while the other still evaluated).
+THREE_RUNS = """
+import torch.distributed as dist
+init, destroy = dist.init_process_group, dist.destroy_process_group
+dist.init_process_group = lambda *a, **k: dist.is_initialized() or init(*a, **k)
+dist.destroy_process_group = lambda *a, **k: None
+def three_runs(argv, main=distill.main):
+    try:
+        sys.stderr = open({log!r} + os.environ["RANK"], "w")
+        main([*argv, *STEPS, "--stage", "0", "--out-dir", {zero!r}])
+        main([*argv, *STEPS, "--resume", "--out-dir", {rest!r}])
+        sys.stderr = sys.__stderr__
+        main([*argv, "--batch-size", "7", "--out-dir", {bad!r}])
+    finally:
+        destroy()
+distill.main = three_runs
+"""
+
+
+@pytest.fixture(scope="module")
+def under_torchrun(run_all, tmp_path_factory):
+    d = tmp_path_factory.mktemp("torchrun")
+    zero, rest, bad = d / "zero", d / "rest", d / "bad"
+    copy_run(run_all, rest, ["stage0_teacher.pt", "stage2_linear.pt", "results.json"])
+    runs = THREE_RUNS.format(log=str(d / "stderr"), zero=str(zero), rest=str(rest), bad=str(bad))
+    script = micro_script(d, f"import os\nSTEPS = {STEPS!r}\n{runs}")
+    r = torchrun(script, *FAST, timeout=600)
+    return r, zero, rest, bad, d
+
+
+def test_torchrun_input_error_is_one_line(under_torchrun):
+    r, _, _, bad, _ = under_torchrun
     # torchrun turns a process's non-zero exit into a traceback of its own: every process
     # exits 0, and process 0 alone prints the line
     assert r.returncode == 0, r.stderr[-3000:]
@@ -399,40 +432,20 @@ def test_torchrun_input_error_is_one_line(tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert lines == ["error: stage 0's batch of 7 does not split over 2 processes: give "
                      "--batch-size a multiple of 2"], r.stderr
-    assert not (tmp_path / "o" / "stage0_teacher.pt").exists()
+    assert not (bad / "stage0_teacher.pt").exists()
 
 
-# distill.py twice in one torchrun (its start is most of the time: three imports of torch):
-# stage 0 in one out-dir, then the rest in another. The two runs share one process group, as
-# torch does not re-create its default group reliably once destroyed (seen to hang when one
-# process reaches the second run while the other is still evaluating in the first).
-TWO_RUNS = """
-import torch.distributed as dist
-init, destroy = dist.init_process_group, dist.destroy_process_group
-dist.init_process_group = lambda *a, **k: dist.is_initialized() or init(*a, **k)
-dist.destroy_process_group = lambda *a, **k: None
-def main_twice(argv, main=distill.main):
-    main([*argv, "--stage", "0", "--out-dir", {first!r}])
-    main([*argv, "--resume", "--out-dir", {second!r}])
-    destroy()
-distill.main = main_twice
-"""
-
-
-def test_torchrun_matches_one_process(run_all, tmp_path):
+def test_torchrun_matches_one_process(run_all, under_torchrun):
     """Two gloo processes under DistributedDataParallel, each with half the global batch, train
     as the one process of run_all did, with the same flags and from the same models: stage 0
     (cross-entropy) from scratch; in a second run, stage 1 (layer-wise MSE) from run_all's
     teacher and stage 3 (KL per token), linear and hybrid (frozen attention in layer 0), from
     run_all's stage-2 student, which --resume keeps. The same losses and weights."""
-    zero = tmp_path / "zero"
-    rest = copy_run(run_all, tmp_path / "rest", ["stage0_teacher.pt", "stage2_linear.pt",
-                                                 "results.json"])
-    script = micro_script(tmp_path, TWO_RUNS.format(first=str(zero), second=str(rest)))
-    r = torchrun(script, *FAST, *STEPS, timeout=600)
+    r, zero, rest, _, d = under_torchrun
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in (d / "stderr0").read_text() + (d / "stderr1").read_text()
     # each run logs its device once: one process of the two logs
-    assert r.stdout.count("rank 0 of 2") == 2 and r.stdout.count("device cpu") == 2, r.stdout
+    assert r.stdout.count("rank 0 of 2") == 3 and r.stdout.count("device cpu") == 3, r.stdout
     assert "stage2_linear.pt: finished already, kept" in r.stdout
     for out, name in [(zero, "stage0_teacher.pt"), (rest, "stage1_linear.pt"),
                       (rest, "stage3_linear.pt"), (rest, "stage3_hybrid.pt")]:
