@@ -78,9 +78,9 @@ def command(monkeypatch, capfd):
     """command(name, *argv) runs `python {name}.py argv` in this process, as the script's
     __main__ block runs it: its main() under util.run_cli (distill.py and ablate.py:
     session.cli). Output is captured at the file descriptors, so whatever a library writes
-    to them is seen too. -> (exit code, stdout, stderr). Saves the second or more of
-    starting Python and importing torch per run; the tests about the process itself (its
-    __main__ block, raw bytes in argv, signals, torchrun) start a real one."""
+    to them is seen too. -> (exit code, stdout, stderr). Saves the 2-3 s of starting Python
+    and importing torch per run; the tests about the process itself (its __main__ block, raw
+    bytes in argv, signals, torchrun) start a real one."""
     def run(name, *argv):
         main = importlib.import_module(name).main
         module, wrapper = WRAPPERS.get(name, "util.run_cli").split(".")
