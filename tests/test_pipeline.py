@@ -625,7 +625,7 @@ def test_sample_fails_in_one_line(run_all, tmp_path, command, case):
     if case == "no-checkpoint":
         image = odd_image(tmp_path, "L")
     argv = ["--image", str(image), "--out-dir", str(out_dir)]
-    if case == "not-an-image":                           # `python sample.py` itself, once
+    if case == "no-checkpoint":                          # `python sample.py` itself, once
         r = subprocess.run([sys.executable, "sample.py", *argv], cwd=ROOT, capture_output=True,
                            text=True, env=ONE_THREAD)
         code, err = r.returncode, r.stderr
