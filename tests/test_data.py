@@ -45,8 +45,9 @@ def test_answers_match_the_picture():
         if ex["template"] != "color":
             continue
         obj = next(o for o in ex["scene"]["objects"] if o["color"] == ex["answer"])
-        cell = pixels(ex)[(obj["cell"] // 2) * 32:(obj["cell"] // 2 + 1) * 32,
-                          (obj["cell"] % 2) * 32:(obj["cell"] % 2 + 1) * 32].reshape(-1, 3)
+        c = data.DRAW_SIZE // 2                         # a cell of the 2 x 2 grid, in pixels
+        cell = pixels(ex)[(obj["cell"] // 2) * c:(obj["cell"] // 2 + 1) * c,
+                          (obj["cell"] % 2) * c:(obj["cell"] % 2 + 1) * c].reshape(-1, 3)
         assert (np.abs(cell.astype(int) - data.COLORS[ex["answer"]]).sum(1) < 10).sum() > 10
 
 

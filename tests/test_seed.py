@@ -82,38 +82,43 @@ def test_seeding_a_student_again_is_refused():
         seed_student(s, "MMM")
 
 
-def run_seed(*args, cwd):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "seed.py"), *args], cwd=cwd,
-                          capture_output=True, text=True)
-
-
-def test_seed_command_line(tmp_path):
+def test_seed_command_line(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)                     # the paths below are relative to it
     t = teacher().float()
     save_checkpoint(tmp_path / "teacher.pt", checkpoint_of(
         t, kind="teacher", stage=0, done=True, losses=[1.0], tokenizer="{}", preset="tiny"))
-    r = run_seed("--teacher", "teacher.pt", "--out", "hybrid.pt", "--attn-every", "2", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    code, out, err = command("seed", "--teacher", "teacher.pt", "--out", "hybrid.pt",
+                             "--attn-every", "2")
+    assert code == 0, err
     ckpt = load_checkpoint(tmp_path / "hybrid.pt")
     assert ckpt["config"]["layout"] == "AMA" and ckpt["init"] == "mimic"
     assert (ckpt["tokenizer"], ckpt["preset"]) == ("{}", "tiny")          # kept from the teacher
     # it says what it is, not what the teacher was
     assert (ckpt["kind"], ckpt["stage"]) == ("hybrid", "seeded") and "done" not in ckpt
-    assert "losses" not in ckpt and "not distilled" in r.stdout
+    assert "losses" not in ckpt and "not distilled" in out
     s = model_from_checkpoint(ckpt)
     assert torch.equal(s.layers[1].mixer.c_proj.weight, t.layers[1].mixer.q_proj.weight)
     # bad input: one line on stderr, exit code 2, no traceback, nothing written
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     for args, msg in [(["--teacher", "missing.pt"], "no checkpoint"),
                       (["--teacher", "teacher.pt", "--attn-layers", "0,7"], "out of range"),
                       (["--teacher", "teacher.pt", "--attn-layers", "x"], "comma-separated"),
-                      (["--teacher", "teacher.pt", "--attn-every", "0"], "1 or more")]:
-        r = run_seed(*args, "--out", "bad.pt", cwd=tmp_path)
-        assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
-        assert "Traceback" not in r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1
+                      (["--teacher", "teacher.pt", "--attn-every", "0"], "1 or more"),
+                      (["--teacher", "junk.pt"], "not a readable")]:
+        code, out, err = command("seed", *args, "--out", "bad.pt")
+        assert code == 2 and msg in err, (args, err)
+        assert "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
         assert not (tmp_path / "bad.pt").exists()
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    r = run_seed("--teacher", "junk.pt", "--out", "bad.pt", cwd=tmp_path)
-    assert r.returncode == 2 and "not a readable" in r.stderr
+
+
+def test_seed_py_bad_input_as_a_process(tmp_path):
+    """`python seed.py` itself (its __main__ block, in a process of its own): one line."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "seed.py"), "--teacher", "missing.pt",
+                        "--out", "bad.pt"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and "no checkpoint" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad.pt").exists()
 
 
 def test_make_hybrid_takes_attention_from_the_teacher_and_mamba_from_the_student():
