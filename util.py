@@ -90,7 +90,12 @@ def load_checkpoint(path, map_location="cpu"):
         what = f"no {'/'.join(missing)}" if missing else ", ".join(wrong)
         raise InputError(f"{path} is not an mmmamba checkpoint ({what}): pass one written by "
                          "distill.py or seed.py")
-    model_from_checkpoint(ckpt, path, device="meta")  # checks config and weights, allocates nothing
+    # checks config and weights by building the model: on the CPU when it is small (a meta-device
+    # model costs ~2.5 s in every process, the random inits loading torch's compiler), on the
+    # meta device, allocating nothing, when it is large; the caller's random state is kept
+    size = sum(t.numel() * t.element_size() for t in ckpt["model"].values() if torch.is_tensor(t))
+    with torch.random.fork_rng(devices=[]):
+        model_from_checkpoint(ckpt, path, device="cpu" if size < 2 ** 28 else "meta")
     return ckpt
 
 
