@@ -225,16 +225,23 @@ BAD = {"an mmMamba student": (_student, [], "is an mmMamba student"),
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_teacher_in_one_line(hovle, llava, tmp_path, case):
+def test_bad_teacher_in_one_line(hovle, llava, tmp_path, case, command):
+    """One case as a real process (what a user sees, exit code and all), the others in this
+    process through distill.py's own __main__ wrapper (the same exit code and stderr)."""
     folder = tmp_path / "t"
     shutil.copytree(hovle, folder)
     breaker, flags, message = BAD[case]
     breaker(folder)
-    r = subprocess.run([sys.executable, "distill.py", "--teacher-hf", str(folder), "--data",
-                        llava[0], "--image-root", llava[1], "--out-dir", str(tmp_path / "out"),
-                        *STEPS, *flags], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
-    assert r.stderr.strip().count("\n") == 0
+    argv = ["--teacher-hf", str(folder), "--data", llava[0], "--image-root", llava[1],
+            "--out-dir", str(tmp_path / "out"), *STEPS, *flags]
+    if case == "stage 0":
+        r = subprocess.run([sys.executable, "distill.py", *argv], cwd=ROOT, capture_output=True,
+                           text=True)
+        code, err = r.returncode, r.stderr
+    else:
+        code, _, err = command("distill", *argv)
+    assert code == 2 and err.startswith("error: ") and message in err, err
+    assert err.strip().count("\n") == 0
     assert not (tmp_path / "out").exists() or not any(
         n.endswith(".pt") for n in os.listdir(tmp_path / "out"))
 
