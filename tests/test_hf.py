@@ -514,11 +514,12 @@ WORDS = ["<unk>", "<s>", "</s>", "system", "user", "assistant", "what", "is", "i
          "kind"]
 
 
-def toy_tokenizer(folder):
+def toy_tokenizer(folder, words=WORDS):
     """A tokenizer.json whose special tokens have the folder's ids (as HoVLE's: <|im_end|>
     below the image tokens, those from the text table's end on)."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    vocab = {w: i for i, w in enumerate(WORDS)}
+    assert len(words) <= 38, "the toy's text ids end at 37: <|im_start|> is 38"
+    vocab = {w: i for i, w in enumerate(words)}
     vocab.update({"<|im_start|>": 38, "<|im_end|>": 39, **SPECIAL})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

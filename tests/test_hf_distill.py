@@ -10,8 +10,6 @@ tile preprocessing, the stop id; write checkpoints that name the folder, which s
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,10 +20,10 @@ import data
 import distill
 import evaluate
 import hf
-from test_hf import IMG_CTX, MAMBA, SPECIAL, TEACHER, toy_config, toy_weights, write_folder
+import test_hf
+from test_hf import IMG_CTX, MAMBA, TEACHER, toy_config, toy_weights, write_folder
 from util import InputError, load_checkpoint, model_from_checkpoint, read_image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220)}
 SIZES = ["small", "big"]
 # every word of the prompts and answers has its own id: <unk> (id 0, our padding id) never
@@ -39,15 +37,7 @@ STEPS = ["--steps1", "2", "--steps2", "2", "--steps3", "2", "--batch-size", "4",
 
 
 def toy_tokenizer(folder):
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    assert len(WORDS) <= 38, "the toy's text ids end at 37: <|im_start|> is 38"
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    vocab.update({"<|im_start|>": 38, "<|im_end|>": 39, **SPECIAL})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(s, normalized=False)
-                            for s in ["<|im_start|>", "<|im_end|>", *SPECIAL]])
-    tok.save(str(folder / "tokenizer.json"))
+    test_hf.toy_tokenizer(folder, WORDS)          # with this file's words (the shapes world's)
 
 
 def write_llava(root, n=12):
@@ -226,20 +216,15 @@ BAD = {"an mmMamba student": (_student, [], "is an mmMamba student"),
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_teacher_in_one_line(hovle, llava, tmp_path, case, command):
-    """One case as a real process (what a user sees, exit code and all), the others in this
-    process through distill.py's own __main__ wrapper (the same exit code and stderr)."""
+    """In this process, through distill.py's own __main__ wrapper (the exit code and stderr a
+    user sees; real distill.py processes: test_pipeline's Ctrl-C and torchrun tests)."""
     folder = tmp_path / "t"
     shutil.copytree(hovle, folder)
     breaker, flags, message = BAD[case]
     breaker(folder)
     argv = ["--teacher-hf", str(folder), "--data", llava[0], "--image-root", llava[1],
             "--out-dir", str(tmp_path / "out"), *STEPS, *flags]
-    if case == "stage 0":
-        r = subprocess.run([sys.executable, "distill.py", *argv], cwd=ROOT, capture_output=True,
-                           text=True)
-        code, err = r.returncode, r.stderr
-    else:
-        code, _, err = command("distill", *argv)
+    code, _, err = command("distill", *argv)
     assert code == 2 and err.startswith("error: ") and message in err, err
     assert err.strip().count("\n") == 0
     assert not (tmp_path / "out").exists() or not any(
