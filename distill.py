@@ -157,10 +157,16 @@ def kl_teacher_student(teacher, student, tokens, images):
     with torch.no_grad():
         t_logp = teacher(tokens, images).float().log_softmax(-1)                # (B, T, V)
     s_logp = student(tokens, images).float().log_softmax(-1)
-    slot = tokens == student.cfg.img_token_id      # (B, T): <image> (ours), <IMG_CONTEXT> (HoVLE)
-    count = (tokens != PAD_ID) & ~slot & ~slot.roll(-1, 1)      # nor the token before a slot
+    count = kl_positions(tokens, student.cfg.img_token_id)                     # (B, T)
     kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1)   # (B, T)
     return kl[count].sum(), count.sum()
+
+
+def kl_positions(tokens, img_token_id):
+    """Where stage 3 counts the KL: not padding, not an image slot (<image> ours,
+    <IMG_CONTEXT> HoVLE's), and not the token before a slot."""
+    slot = tokens == img_token_id                                               # (B, T)
+    return (tokens != PAD_ID) & ~slot & ~slot.roll(-1, 1)
 
 
 class StageLoss(nn.Module):

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import data
 import distill
-from mmmamba import IMAGE_ID, IMG_START_ID, PAD_ID
+from mmmamba import PAD_ID
 from session import CtrlC, Stopped, cli
 from util import InputError, checkpoint_of
 
@@ -44,47 +44,51 @@ KL_ROWS = 2048          # rows of the (tokens, vocabulary) logits per KL chunk
 # batches: data.make_batch with every distinct text encoded once and every scene drawn once
 
 
-class Batches:
-    """data.make_batch(examples, tok, cfg) for the examples of one run, padded to a multiple
-    of PAD_TO tokens. The caches hold references to the examples' scenes (their ids stay
-    valid) and grow to at most one entry per distinct prompt, answer and image."""
+class CachedChat:
+    """data.as_chat(tok), ours or a HoVLE folder's, with every distinct prompt and answer
+    encoded once and every image made once (CACHE_BYTES of them at most). The image cache
+    holds references to the examples' scenes, so their ids stay valid."""
 
-    def __init__(self, tok, cfg, pad_to=PAD_TO):
-        self.tok, self.cfg, self.pad_to = tok, cfg, pad_to
+    def __init__(self, tok):
+        self.chat = data.as_chat(tok)
+        self.stop_id, self.never, self.decode = self.chat.stop_id, self.chat.never, self.chat.decode
         self.prompts, self.answers, self.images, self.held = {}, {}, {}, 0
 
-    def ids(self, ex):
-        q, a = ex["question"], ex["answer"]
-        if q not in self.prompts:
-            self.prompts[q] = data.encode_prompt(self.tok, q, self.cfg.n_img_tokens)
-        if a not in self.answers:
-            self.answers[a] = data.encode_chat(self.tok, data.answer_text, a)
-        return self.prompts[q], self.answers[a]
+    def prompt(self, question, n_img_tokens):
+        if question not in self.prompts:
+            self.prompts[question] = self.chat.prompt(question, n_img_tokens)
+        return self.prompts[question]
 
-    def image(self, ex):
+    def answer(self, answer):
+        if answer not in self.answers:
+            self.answers[answer] = self.chat.answer(answer)
+        return self.answers[answer]
+
+    def image(self, ex, size):
         key = id(ex["scene"]) if "scene" in ex else ex["path"]
         if key in self.images:
             return self.images[key][1]
-        img = data.example_image(ex, self.cfg.img_size)
-        if self.held < CACHE_BYTES:            # large images of a large data set: drawn anew
+        img = self.chat.image(ex, size)
+        if self.held < CACHE_BYTES:            # large images of a large data set: made anew
             self.images[key] = (ex.get("scene"), img)
             self.held += img.numel() * img.element_size()
         return img
 
+
+class Batches:
+    """data.make_batch(examples, tok, cfg) for the examples of one run, from a CachedChat,
+    right-padded further to a multiple of PAD_TO tokens (padding and -1 targets, as
+    make_batch pads), and moved to the device without waiting."""
+
+    def __init__(self, tok, cfg, pad_to=PAD_TO):
+        self.chat, self.cfg, self.pad_to = CachedChat(tok), cfg, pad_to
+
     def __call__(self, examples, device):
-        pairs = [self.ids(ex) for ex in examples]
-        T = max(len(p) + len(a) for p, a in pairs) - 1
-        if T > self.cfg.max_seq_len:
-            raise InputError(f"an example of {T} tokens is longer than max_seq_len "
-                             f"{self.cfg.max_seq_len}: shorten the text or use a larger preset")
-        T = min(-(-T // self.pad_to) * self.pad_to, self.cfg.max_seq_len)
-        tokens = torch.full((len(examples), T), PAD_ID, dtype=torch.long)
-        targets = torch.full((len(examples), T), -1, dtype=torch.long)
-        for i, (p, a) in enumerate(pairs):
-            ids = p + a
-            tokens[i, :len(ids) - 1] = torch.tensor(ids[:-1])
-            targets[i, len(p) - 1:len(ids) - 1] = torch.tensor(a)
-        images = torch.stack([self.image(ex) for ex in examples])
+        tokens, targets, images = data.make_batch(examples, self.chat, self.cfg)
+        T = tokens.shape[1]
+        extra = min(-(-T // self.pad_to) * self.pad_to, self.cfg.max_seq_len) - T
+        tokens = F.pad(tokens, (0, extra), value=PAD_ID)
+        targets = F.pad(targets, (0, extra), value=-1)
         pin = device.type == "cuda"
         return tuple(t.pin_memory().to(device, non_blocking=True) if pin else t
                      for t in (tokens, targets, images))
@@ -157,7 +161,7 @@ def stage_loss(stage, teacher, student, tokens, targets, images):
         return torch.stack(errs).sum() * 1000, real.sum() * len(errs) * ios[0][1].shape[-1]
     with torch.no_grad():
         t_logits = teacher(tokens, images)
-    count = (tokens != PAD_ID) & (tokens != IMAGE_ID) & (tokens != IMG_START_ID)
+    count = distill.kl_positions(tokens, student.cfg.img_token_id)
     return kl_sum(t_logits, student(tokens, images), count), count.sum()
 
 
@@ -317,10 +321,9 @@ _plain_train_stage = distill.train_stage
 
 def train_stage(run, stage, kind, model, teacher=None, graphs=None):
     """distill.train_stage(run, stage, kind, model, teacher), faster on one GPU. More than one
-    process runs the plain loop (its all-reduces are per step), and so does a teacher read from
-    a HoVLE folder (--teacher-hf: its chat format is the folder's, which Batches does not
-    cache). graphs: CUDA graphs, default on CUDA; False runs the same step eagerly (CPU tests)."""
-    if run.world > 1 or getattr(run, "hf", None):
+    process runs the plain loop (its all-reduces are per step). graphs: CUDA graphs, default on
+    CUDA; False runs the same step eagerly (the CPU tests)."""
+    if run.world > 1:
         return _plain_train_stage(run, stage, kind, model, teacher)
     graphs = run.device.type == "cuda" if graphs is None else graphs
     args, path = run.args, run.path(stage, kind)
@@ -377,8 +380,9 @@ def train_stage(run, stage, kind, model, teacher=None, graphs=None):
                     train_s = start["train_s"] + time.time() - t0
                     run.save(path, checkpoint_of(
                         model, kind=kind, stage=stage, preset=run.preset, init=args.init,
-                        data=args.data or "shapes world", tokenizer=run.tok.to_str(),
-                        done=done, step=step + 1, steps=steps, recipe=[lr, batch, steps],
+                        data=args.data or "shapes world", done=done,  # as distill's
+                        **({"hf": run.hf} if run.hf else {"tokenizer": run.tok.to_str()}),
+                        step=step + 1, steps=steps, recipe=[lr, batch, steps],
                         losses=losses, train_s=train_s, optimizer=portable(opt),
                         rng={"batches": batches.get_state(), "torch": torch.get_rng_state()}))
                     saved = step + 1

@@ -256,3 +256,18 @@ def test_sample_py_without_the_recorded_folder(hf_run, tmp_path, llava):
         sample.main(["--ckpt", str(tmp_path / "s.pt"), "--image",
                      os.path.join(llava[1], "1.png"), "--device", "cpu"])
     assert "\n" not in str(e.value)
+
+
+def test_fast_loop_distils_the_folder_as_the_plain_loop(hf_run, hovle, llava, tmp_path):
+    """train_fast.main (eager on the CPU) on the folder's teacher and chat format: every stage's
+    losses and weights as the plain loop's (hf_run), and the checkpoints name the folder."""
+    import train_fast
+    from test_train_fast import rel
+    train_fast.main(["--teacher-hf", str(hovle), "--data", llava[0], "--image-root", llava[1],
+                     "--out-dir", str(tmp_path), *STEPS])
+    for name in ("stage1_linear", "stage2_linear", "stage3_linear", "stage3_hybrid"):
+        a, b = (load_checkpoint(str(d / f"{name}.pt")) for d in (hf_run, tmp_path))
+        assert b["done"] and b["hf"] == a["hf"] and "tokenizer" not in b, name
+        assert max(abs(x - y) / abs(x) for x, y in zip(a["losses"], b["losses"])) < 1e-4, name
+        assert max(rel(b["model"][k], v) for k, v in a["model"].items()
+                   if v.is_floating_point() and v.norm() > 0) < 1e-3, name
