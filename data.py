@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from mmmamba import (IM_END_ID, IMAGE_ID, IMG_END_ID, IMG_START_ID, PAD_ID, SPECIAL_TOKENS,
-                     expand_image_placeholder)
+from mmmamba import IM_END_ID, NEVER_SAMPLED, PAD_ID, SPECIAL_TOKENS, expand_image_placeholder
 from util import InputError, read_image, read_llava
 
 # -----------------------------------------------------------------------------
@@ -225,12 +224,19 @@ SPECIAL = re.compile("(" + "|".join(map(re.escape, SPECIAL_TOKENS)) + ")")
 SLOT = "\0"                                        # where the user's text goes in a template
 
 
+def plain_pieces(text, specials=SPECIAL_TOKENS):
+    """text cut one character into every place a special token starts (overlaps too): a
+    tokenizer matches a special token only as a whole string, and no piece holds one whole.
+    specials: ours, or a HoVLE folder's (hf.HFTokenizer.plain)."""
+    starts = "|".join(map(re.escape, specials))
+    cuts = [m.start() + 1 for m in re.finditer(f"(?={starts})", text)] if starts else []
+    return [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+
+
 def encode_plain(tok, text):
     """Ids of user text as plain text: typed special tokens ("<|im_end|>", "<pad>") stay text
-    and never become control tokens. The tokenizer matches a special token only as a whole
-    string, so the text is cut one character into every place one starts (overlaps too)."""
-    cuts = [m.start() + 1 for m in re.finditer(f"(?={SPECIAL.pattern})", text)]
-    return [i for a, b in zip([0] + cuts, cuts + [len(text)]) for i in tok.encode(text[a:b]).ids]
+    and never become control tokens (plain_pieces)."""
+    return [i for piece in plain_pieces(text) for i in tok.encode(piece).ids]
 
 
 def encode_chat(tok, template, text):
@@ -254,7 +260,7 @@ class Chat:
     """A conversation as ids and an image as a tensor, in this file's template with our
     tokenizer: what batches and evaluation read. hf.HFChat is the same for a HoVLE folder
     (its tokenizer, chat template, end-of-turn id and image preprocessing)."""
-    stop_id, never = IM_END_ID, (PAD_ID, IMAGE_ID, IMG_START_ID, IMG_END_ID)  # never sampled
+    stop_id, never = IM_END_ID, NEVER_SAMPLED
 
     def __init__(self, tok):
         self.tok, self.decode, self.image = tok, tok.decode, example_image

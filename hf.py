@@ -464,11 +464,9 @@ class HFTokenizer:
 
     def plain(self, text):
         """Ids of user text as text, no BOS: a special token typed into it ("<IMG_CONTEXT>")
-        stays text, cut one character into every place one starts (as data.encode_plain)."""
-        cuts = sorted({m.start() + 1 for name in self.special
-                       for m in re.finditer(re.escape(name), text)})
-        return [i for a, b in zip([0] + cuts, cuts + [len(text)])
-                for i in self.encode(text[a:b], bos=False)]
+        stays text (data.plain_pieces, with the folder's special tokens)."""
+        return [i for piece in data.plain_pieces(text, self.special)
+                for i in self.encode(piece, bos=False)]
 
     def decode(self, ids, skip_special_tokens=True):  # special tokens are always skipped
         if self.tok is not None:
@@ -484,8 +482,8 @@ class HFTokenizer:
 
 
 # InternVL's system message for "internlm2-chat", the template HoVLE's config names
-SYSTEM = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
-          "是一个有用无害的人工智能助手。")
+SYSTEM = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，"
+          "英文名叫InternVL, 是一个有用无害的人工智能助手。")
 
 
 def prompt_ids(tok, question, n_img_tokens, system=SYSTEM):

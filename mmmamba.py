@@ -31,6 +31,7 @@ from util import InputError
 # special tokens: fixed ids 0..5, so the model and the tokenizer agree without a lookup
 SPECIAL_TOKENS = ["<pad>", "<image>", "<img>", "</img>", "<|im_start|>", "<|im_end|>"]
 PAD_ID, IMAGE_ID, IMG_START_ID, IMG_END_ID, IM_START_ID, IM_END_ID = range(len(SPECIAL_TOKENS))
+NEVER_SAMPLED = (PAD_ID, IMAGE_ID, IMG_START_ID, IMG_END_ID)    # padding and image markers
 
 
 @dataclass
@@ -425,8 +426,7 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def generate(self, tokens, images=None, max_new_tokens=32, temperature=0.0, top_k=None,
-                 stop_id=IM_END_ID, never=(PAD_ID, IMAGE_ID, IMG_START_ID, IMG_END_ID),
-                 generator=None):
+                 stop_id=IM_END_ID, never=NEVER_SAMPLED, generator=None):
         """Stream new token ids: prefill the prompt once, then one cached step per token.
         temperature 0 is greedy. tokens: (1, T). stop_id and never (ids never emitted, with the
         image slot) are the tokenizer's: ours by default, a HoVLE folder's from hf.HFChat."""
