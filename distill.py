@@ -25,6 +25,7 @@ import math
 import os
 import time
 from dataclasses import replace
+from importlib import import_module
 
 import torch
 import torch.nn as nn
@@ -57,7 +58,7 @@ XBC = ("x_proj", "b_proj", "c_proj")                             # the copies of
 # 1 (the paper's clipping: docs/method.md §5).
 RECIPE = {
     0: dict(trains="everything", loss="cross-entropy on the answer tokens",
-            tiny=(5e-4, 32, 8000), small=(2e-4, 32, 4000), paper=(2e-4, 32, 4000)),
+            tiny=(5e-4, 32, 3000), small=(2e-4, 32, 4000), paper=(2e-4, 32, 4000)),
     1: dict(trains=NEW, loss="layer-wise MSE x 1000",
             tiny=(3e-3, 32, 200), small=(3e-3, 32, 300), paper=(1e-3, 128, 20000)),
     2: dict(trains=NEW + XBC, loss="layer-wise MSE x 1000",
@@ -216,6 +217,8 @@ def train_stage(run, stage, kind, model, teacher=None):
     checkpoint exactly (model, optimizer, batch order, random state); a finished one is kept.
     Under torchrun every process draws the same global batch and trains on its share.
     Returns (model, seconds of training)."""
+    if run.device.type == "cuda" and run.world == 1:    # the same loop, faster: train_fast.py
+        return import_module("train_fast").train_stage(run, stage, kind, model, teacher)
     args, path = run.args, run.path(stage, kind)
     lr, batch, steps = settings(run, stage)
     freeze_for(model, stage)
@@ -428,8 +431,8 @@ def check_plan(run, writes):
 
 def main(argv=None):
     args = check_args(make_parser().parse_args(argv))
-    first = 1 if args.teacher_hf else 0                   # the folder's teacher is trained
-    todo = list(range(first, 4)) if args.stage == "all" else [int(args.stage)]
+    # "all": stages 0-3, or 1-3 from a folder's teacher (trained already)
+    todo = list(range(1 if args.teacher_hf else 0, 4)) if args.stage == "all" else [int(args.stage)]
     t0 = time.time()
     torch.manual_seed(args.seed)
     with open_run(args) as run:

@@ -47,6 +47,7 @@ class Config:
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    init_std: float = 0.02             # a new model's Linear and Embedding weights: N(0, std^2)
     # HoVLE's first layers are its "holistic embedding" stack, with their own RoPE base and
     # RMSNorm eps; layers i < n_embed_layer use these (0: one stack, as in our own teachers)
     n_embed_layer: int = 0
@@ -76,10 +77,13 @@ class Config:
 
 PRESETS = {
     # the classroom default: about 1.1M parameters, trains on a 2-core CPU in minutes. 8 px
-    # patches (16 image tokens, 4 per shape cell) and 32-token chunks keep a CPU step short.
-    "tiny": Config(img_patch=8, chunk_size=32),
-    # a GPU model of tens of millions of parameters; 16 px patches of 64 px images: again 16
-    # image tokens, 4 per shape cell, with 4x the pixels in each
+    # patches merged 2 x 2 by the pixel shuffle, as HoVLE's are: 4 image tokens, one per shape
+    # cell, so the teacher learns which cell a question names in 3000 steps, for every seed
+    # tried (16 tokens: 2000-8000, by seed); with the wider initialisation, which learns the
+    # captions sooner (docs/cpu_study.md). Short sequences and 32-token chunks: a short step.
+    "tiny": Config(img_patch=8, img_merge=2, chunk_size=32, init_std=0.05),
+    # a GPU model of tens of millions of parameters; 16 px patches of 64 px images: 16 image
+    # tokens, 4 per shape cell (no merge: its recipe was tuned so, docs/small_gpu/README.md)
     "small": Config(n_layer=8, d_model=512, n_head=8, n_kv_head=4, head_dim=64, d_mlp=1536,
                     max_seq_len=512, img_size=64, img_patch=16, img_dim=256, vocab_size=2048),
     # HoVLE's shape (arXiv 2502.13145 Sec. 3; docs/method.md §1) with random weights, for
@@ -363,9 +367,9 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, kind, i) for i, kind in enumerate(cfg.kinds))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        for m in self.modules():                                        # GPT-2's initialisation
+        for m in self.modules():                    # GPT-2's initialisation (std 0.02)
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
+                nn.init.normal_(m.weight, std=cfg.init_std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
 

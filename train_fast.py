@@ -156,13 +156,36 @@ def stage_loss(stage, teacher, student, tokens, targets, images):
         with torch.no_grad():
             ios = teacher.layer_io(tokens, images)
         real = (tokens != PAD_ID)[..., None]
-        errs = [torch.where(real, layer.mixer.mix(u).float() - y.float(), 0.0).square().sum()
+        errs = [SQ_ERR(layer.mixer.mix(u), y, real)
                 for layer, (u, y) in zip(student.layers, ios) if layer.kind == "M"]
         return torch.stack(errs).sum() * 1000, real.sum() * len(errs) * ios[0][1].shape[-1]
     with torch.no_grad():
         t_logits = teacher(tokens, images)
     count = distill.kl_positions(tokens, student.cfg.img_token_id)
     return kl_sum(t_logits, student(tokens, images), count), count.sum()
+
+
+def _sq_err(a, b, real):
+    """The squared error of a layer's output over the real tokens, summed in fp32."""
+    return torch.where(real, a.float() - b.float(), 0.0).square().sum()
+
+
+SQ_ERR = _sq_err        # fuse_elementwise puts a compiled one here (one kernel instead of five)
+
+
+def pad_head(model, multiple=64):
+    """A frozen LM head whose vocabulary is not a multiple of `multiple` (HoVLE's 92553) gets
+    its matmul on a zero-padded copy of the weight, sliced back to the vocabulary: with rows
+    of an odd length cuBLAS falls back to kernels an eighth as fast (docs/benchmarks.md). The
+    logits are the same numbers; the module's weight, and so every checkpoint, is unchanged.
+    Returns whether it padded."""
+    head, V = model.output, model.output.out_features
+    if V % multiple == 0 or head.weight.requires_grad:
+        return False
+    w = head.weight.new_zeros(-(-V // multiple) * multiple, head.in_features)
+    w[:V] = head.weight.detach()
+    head.forward = lambda x: F.linear(x, w)[..., :V]       # dtypes as nn.Linear's own
+    return True
 
 
 def frozen_to_bf16(model):
@@ -192,17 +215,46 @@ def _swiglu(x, w1, w3, w2):
     return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
 
+def _dwconv(x, weight, bias):
+    """Mamba2's depthwise causal conv, F.conv1d(x, weight, bias, groups=C) for x (B, C, K-1+T),
+    as K shifted multiply-adds: compiled, one kernel (PyTorch's depthwise kernel is generic).
+    In x's dtype, as autocast's conv1d gives it (fp32 here would make everything after it fp32)."""
+    K, T = weight.shape[-1], x.shape[-1] - weight.shape[-1] + 1
+    y = sum(x[..., k:k + T] * weight[:, 0, k, None] for k in range(K)) + bias[:, None]
+    # stored (B, T, C)-contiguous: Mamba2.mix transposes it back, and the SiLU and the split
+    # into heads after it then read a dense tensor (strided, PyTorch falls back to slow kernels)
+    return y.to(x.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _heads(xBC, H, Hkv, hd):
+    """Mamba2.heads with every output written dense: its views of [x, B, C] are strided, and
+    the scan copies them dense anyway, as do their gradients' copies back."""
+    x, Bm, Cm = xBC.unflatten(-1, (-1, hd)).split([Hkv, Hkv, H], dim=-2)
+    r = H // Hkv
+    return (x.repeat_interleave(r, -2).contiguous(), Bm.repeat_interleave(r, -2).contiguous(),
+            Cm.contiguous())
+
+
 def fuse_elementwise(models):
     """torch.compile the elementwise work around the matmuls (RMSNorm, the gated norm, SwiGLU,
-    RoPE): eager PyTorch runs each of their fp32 steps as its own pass over a (tokens, width)
-    tensor. Instance attributes and mmmamba.rope replaced; returns a function undoing it."""
+    RoPE, the depthwise conv, the split into heads, stage 1-2's squared error): eager PyTorch
+    runs each of their fp32 steps as its own pass over a (tokens, width) tensor. Instance
+    attributes, mmmamba.rope and SQ_ERR replaced; returns a function undoing it."""
     import mmmamba
-    rms, gated, swiglu = (torch.compile(f) for f in (_rms, _gated, _swiglu))
+    global SQ_ERR
+    rms, gated, swiglu, conv, heads = (torch.compile(f)
+                                       for f in (_rms, _gated, _swiglu, _dwconv, _heads))
     rope, patched = mmmamba.rope, []
-    mmmamba.rope = torch.compile(rope)
+    mmmamba.rope, SQ_ERR = torch.compile(rope), torch.compile(_sq_err)
     for model in models:
         for m in model.modules():
-            if isinstance(m, mmmamba.GatedRMSNorm):
+            if isinstance(m, nn.Conv1d):
+                m.forward = lambda x, m=m: conv(x, m.weight, m.bias)
+            elif isinstance(m, mmmamba.Mamba2):
+                m.heads = lambda xBC, c=m.cfg: heads(xBC, c.n_head, c.n_kv_head, c.head_dim)
+                patched.append((m, "heads"))
+                continue
+            elif isinstance(m, mmmamba.GatedRMSNorm):
                 m.forward = lambda y, g, m=m: gated(y, g, m.weight, m.eps)
             elif isinstance(m, mmmamba.RMSNorm):
                 m.forward = lambda x, m=m: rms(x, m.weight, m.eps)
@@ -210,12 +262,13 @@ def fuse_elementwise(models):
                 m.forward = lambda x, m=m: swiglu(x, m.w1.weight, m.w3.weight, m.w2.weight)
             else:
                 continue
-            patched.append(m)
+            patched.append((m, "forward"))
 
     def undo():
-        mmmamba.rope = rope
-        for m in patched:
-            del m.forward
+        global SQ_ERR
+        mmmamba.rope, SQ_ERR = rope, _sq_err
+        for m, name in patched:
+            delattr(m, name)
     return undo
 
 
@@ -348,6 +401,7 @@ def train_stage(run, stage, kind, model, teacher=None, graphs=None):
     make = Batches(run.tok, model.cfg)
     for m in {id(m): m for m in (model, teacher) if m is not None}.values():
         graph_safe(m)
+        pad_head(m)
     step_fn = Step(lambda *b: stage_loss(stage, teacher, model, *b), params, opt, run.autocast,
                    graphs)
     pending, t0, train_s = [], time.time(), start["train_s"]
@@ -393,6 +447,8 @@ def train_stage(run, stage, kind, model, teacher=None, graphs=None):
         for m in (model, teacher):
             if m is not None and "embed" in vars(m):
                 del m.embed
+            if m is not None and "forward" in vars(m.output):
+                del m.output.forward
     return model.eval(), train_s
 
 

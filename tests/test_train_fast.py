@@ -124,6 +124,51 @@ def test_frozen_bf16_weights_give_the_same_bits_under_autocast(world):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("vocab", [1000, 1003, 1024])
+def test_padded_head_gives_the_same_logits(vocab):
+    """pad_head: the same logits (fp32 and bf16 autocast), gradients through it, the weight
+    and state_dict unchanged; a trainable or already aligned head is left alone."""
+    torch.manual_seed(vocab)
+    model = Model(mmmamba.Config(n_layer=1, d_model=32, n_head=2, n_kv_head=1, head_dim=16,
+                                 d_mlp=48, vocab_size=vocab))
+    assert not train_fast.pad_head(model), "a trainable head is not padded"
+    model.requires_grad_(False)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    want = model.output(x)
+    g_want, = torch.autograd.grad(want.square().sum(), x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert train_fast.pad_head(model) == (vocab % 64 != 0)
+    got = model.output(x)
+    assert got.shape == want.shape and torch.equal(got, want)
+    g_got, = torch.autograd.grad(got.square().sum(), x)
+    assert rel(g_got, g_want) < 1e-6
+    with torch.autocast("cpu", torch.bfloat16):
+        assert rel(model.output(x).float(), want.detach()) < 1e-2
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("K, T", [(2, 1), (2, 37), (4, 9)])
+def test_compiled_pieces_are_their_references(K, T):
+    """The functions fuse_elementwise compiles, uncompiled (no compiler needed here): the
+    depthwise conv as shifted multiply-adds is F.conv1d(groups=C), float64; the masked squared
+    error is distill's masked MSE sum; the split into heads is Mamba2.heads."""
+    torch.manual_seed(K * T)
+    C = 6
+    conv = torch.nn.Conv1d(C, C, K, groups=C).double()
+    x = torch.randn(3, K - 1 + T, C, dtype=torch.float64).transpose(1, 2)    # as Mamba2.mix's
+    assert torch.allclose(train_fast._dwconv(x, conv.weight, conv.bias), conv(x), atol=1e-12)
+    mixer = seed_student(Model(MICRO), "M" * MICRO.n_layer).layers[0].mixer
+    xBC = torch.randn(2, T, mixer.conv_dim)
+    want = mixer.heads(xBC)
+    got = train_fast._heads(xBC, MICRO.n_head, MICRO.n_kv_head, MICRO.head_dim)
+    assert all(g.is_contiguous() and torch.equal(g, w) for g, w in zip(got, want))
+    a, b = torch.randn(3, T, 8), torch.randn(3, T, 8)
+    real = torch.rand(3, T) < 0.7
+    want = torch.nn.functional.mse_loss(a[real], b[real], reduction="sum")
+    got = train_fast._sq_err(a, b, real[..., None])
+    assert abs(got.item() - want.item()) <= 1e-5 * max(want.item(), 1e-6)
+
+
 def test_fast_loop_writes_the_plain_loops_checkpoints(tmp_path, monkeypatch):
     """Every stage of a micro run, through distill.main and through train_fast.main (eager on
     the CPU): the same losses step by step and the same trained weights."""
@@ -157,7 +202,8 @@ def _small_steps(stage, graphs, batches, cfg):
     teacher.requires_grad_(stage == 0)
     model = teacher if stage == 0 else seed_student(teacher, "M" * cfg.n_layer)
     distill.freeze_for(model, stage)
-    train_fast.graph_safe(model)
+    for m in (teacher, model):             # stage 3 runs the teacher inside the graph too
+        train_fast.graph_safe(m)
     params = [p for p in model.parameters() if p.requires_grad]
     before = torch.cat([p.detach().flatten().float() for p in params])
     # capturable in both runs: the capturable AdamW keeps its step counts and bias corrections
