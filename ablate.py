@@ -35,8 +35,8 @@ from tqdm import tqdm
 import distill
 import evaluate
 from seed import make_hybrid
-from session import cli, open_run
-from util import ArgumentParser, InputError, load_checkpoint
+from session import open_run
+from util import ArgumentParser, InputError, load_checkpoint, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -305,4 +305,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli(main)
+    run_cli(main)

@@ -39,9 +39,9 @@ import evaluate
 import hf
 from mmmamba import PAD_ID, PRESETS, Model
 from seed import INITS, hybrid_layout, make_hybrid, parse_layers, seed_student
-from session import CtrlC, Stopped, cli, open_run
+from session import CtrlC, Stopped, open_run
 from util import (ArgumentParser, InputError, checkpoint_of, load_checkpoint, model_from_checkpoint,
-                  tokenizer_from_checkpoint)
+                  run_cli, tokenizer_from_checkpoint)
 
 # -----------------------------------------------------------------------------
 # the recipe (arXiv 2502.13145 Sec. 4.2-4.4; docs/method.md §5)
@@ -465,4 +465,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli(main)
+    run_cli(main)

@@ -1,16 +1,14 @@
 """
 The plumbing of a distill.py run, kept out of the recipe: the device, the torchrun process
-group, one run per out-dir (a lock), Ctrl-C between steps, and a command line whose errors
-are one line even under torchrun. docs/training.md says how each behaves.
+group, one run per out-dir (a lock), and Ctrl-C between steps (util.run_cli keeps errors to
+one line, under torchrun too). docs/training.md says how each behaves.
 
     with open_run(args) as run:     # run.device, run.autocast, run.rank, run.world, run.path(...)
         ...
-    cli(main)                        # `python distill.py`: one-line errors, exit codes 2 and 130
 """
 import fcntl
 import os
 import signal
-import sys
 import time
 from contextlib import contextmanager
 
@@ -143,20 +141,3 @@ class CtrlC:
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
 
-
-def cli(main):
-    """Run a command line's main(): bad input is one line on stderr and exit code 2, Ctrl-C
-    one line and 130. torchrun prints a 30-line traceback of its own for any process that
-    exits non-zero, so under torchrun an input error is printed by process 0 alone and every
-    process exits 0 (torchrun's exit code is then 0 too)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    try:
-        main()
-    except InputError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if world == 1 else 0)
-    except KeyboardInterrupt as e:
-        if rank == 0:
-            print(str(e) or "interrupted", file=sys.stderr)
-        sys.exit(130)

@@ -32,8 +32,8 @@ from tqdm import tqdm
 import data
 import distill
 from mmmamba import PAD_ID
-from session import CtrlC, Stopped, cli
-from util import InputError, checkpoint_of
+from session import CtrlC, Stopped
+from util import InputError, checkpoint_of, run_cli
 
 PAD_TO = 16             # batches padded to a multiple of this: one CUDA graph per length
 CHECK_EVERY = 50        # steps between reading the losses back (and the non-finite check)
@@ -463,4 +463,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli(main)
+    run_cli(main)

@@ -316,12 +316,18 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(main):
-    """Run a command line's main(): an InputError becomes one line on stderr and exit code 2."""
+    """Run a command line's main(): bad input is one line on stderr and exit code 2, Ctrl-C
+    one line and 130. torchrun prints a 30-line traceback of its own for any process that
+    exits non-zero, so under torchrun an input error is printed by process 0 alone and every
+    process exits 0 (torchrun's exit code is then 0 too)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
         main()
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if world == 1 else 0)
+    except KeyboardInterrupt as e:         # session.Stopped says where the run was kept
+        if rank == 0:
+            print(str(e) or "interrupted", file=sys.stderr)
         sys.exit(130)

@@ -38,9 +38,9 @@ import mmmamba
 from mmmamba import Config
 mmmamba.PRESETS["micro"] = Config(vocab_size=400, n_layer=4, d_model=32, n_head=2, n_kv_head=1,
     head_dim=16, d_mlp=64, max_seq_len=128, img_size=16, img_patch=8, img_dim=16, chunk_size=16)
-import distill, session
+import distill, util
 distill.N_TRAIN_IMAGES = 500
-session.cli(lambda: distill.main(sys.argv[1:]))
+util.run_cli(lambda: distill.main(sys.argv[1:]))
 """
 FLAGS = ["--preset", "micro", "--batch-size", "4", "--eval-samples", "12", "--scan", "torch",
          "--device", "cpu", "--steps0", "400", "--steps1", "150", "--steps2", "150", "--steps3",

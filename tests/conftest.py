@@ -69,26 +69,21 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     patch_triton_language_once_per_launch()
 
 
-# the wrapper each script's `if __name__ == "__main__":` block runs its main() under
-WRAPPERS = {"distill": "session.cli", "ablate": "session.cli"}
-
-
 @pytest.fixture
 def command(monkeypatch, capfd):
     """command(name, *argv) runs `python {name}.py argv` in this process, as the script's
-    __main__ block runs it: its main() under util.run_cli (distill.py and ablate.py:
-    session.cli). Output is captured at the file descriptors, so whatever a library writes
-    to them is seen too. -> (exit code, stdout, stderr). Saves the 2-3 s of starting Python
-    and importing torch per run; the tests about the process itself (its __main__ block, raw
-    bytes in argv, signals, torchrun) start a real one."""
+    __main__ block runs it: its main() under util.run_cli. Output is captured at the file
+    descriptors, so whatever a library writes to them is seen too. -> (exit code, stdout,
+    stderr). Saves the 2-3 s of starting Python and importing torch per run; the tests about
+    the process itself (its __main__ block, raw bytes in argv, signals, torchrun) start a
+    real one."""
     def run(name, *argv):
         main = importlib.import_module(name).main
-        module, wrapper = WRAPPERS.get(name, "util.run_cli").split(".")
         monkeypatch.setattr(sys, "argv", [f"{name}.py", *map(str, argv)])
         capfd.readouterr()
         code = 0
         try:
-            getattr(importlib.import_module(module), wrapper)(main)
+            importlib.import_module("util").run_cli(main)
         except SystemExit as e:
             code = e.code or 0
         out, err = capfd.readouterr()

@@ -36,16 +36,16 @@ N_TRAIN = 300                   # shapes-world training images in these runs (di
 FAST = ["--preset", "micro", "--batch-size", "4", "--eval-samples", "12", "--scan", "torch",
         "--device", "cpu"]
 STEPS = ["--steps0", "6", "--steps1", "3", "--steps2", "3", "--steps3", "3", "--save-every", "2"]
-# distill.py with the micro preset, for subprocesses: the command line itself (session.cli)
+# distill.py with the micro preset, for subprocesses: the command line itself (util.run_cli)
 WRAPPER = f"""import sys
 sys.path.insert(0, {ROOT!r})
 import mmmamba
 from mmmamba import Config
 mmmamba.PRESETS["micro"] = {MICRO!r}
-import distill, session
+import distill, util
 distill.N_TRAIN_IMAGES = {N_TRAIN}
 {{patch}}
-session.cli(lambda: distill.main(sys.argv[1:]))
+util.run_cli(lambda: distill.main(sys.argv[1:]))
 """
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -533,8 +533,8 @@ ABLATE = f"""import sys
 sys.path[0] = {ROOT!r}
 import distill
 distill.N_TRAIN_IMAGES = {N_TRAIN}
-import ablate, session
-session.cli(ablate.main)
+import ablate, util
+util.run_cli(ablate.main)
 """
 
 
