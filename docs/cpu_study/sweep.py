@@ -106,7 +106,8 @@ out = rest[rest.index("--out-dir") + 1]
 t0 = time.time()
 distill.main(rest)
 rows = json.load(open(os.path.join(out, "results.json")))
-json.dump({"set": fields, "recipe": args.recipe, "init_std": args.init_std or 0.02,
+init_std = args.init_std or mmmamba.PRESETS["tiny"].init_std
+json.dump({"set": fields, "recipe": args.recipe, "init_std": init_std,
            "threads": torch.get_num_threads(),
            "qk_std": args.qk_std, "loss": args.loss, "image_first": args.image_first,
            "curve": STATE["curve"], "argv": rest, "wall_s": round(time.time() - t0, 1),
