@@ -1,6 +1,7 @@
 """
-The fast path of distill.py's training loop on one CUDA GPU, and the fast pieces of a training
-step at the paper preset (bench.py train --fast). The same function as distill.train_stage: the
+The fast path of distill.py's training loop on one CUDA GPU (distill.train_stage hands each
+stage to train_stage here), and the fast pieces of a training step at the paper preset
+(bench.py train --ways fast,compiled). The same function as distill.train_stage: the
 same batches in the same order, the same losses, the same checkpoints, resume and Ctrl-C;
 tests/test_train_fast.py checks it against the plain loop. What changes, and why:
 
@@ -18,8 +19,6 @@ tests/test_train_fast.py checks it against the plain loop. What changes, and why
   KL           stage 3's KL is summed over row chunks with its gradient formed in the forward
                (softmax(s) - softmax(t)), so no fp32 (tokens, vocabulary) tensor is kept for
                the backward: at the paper preset those are 6 GB each
-
-    python train_fast.py --preset small     # distill.py's run with this loop (same flags)
 """
 import math
 import time
@@ -33,7 +32,7 @@ import data
 import distill
 from mmmamba import PAD_ID
 from session import CtrlC, Stopped
-from util import InputError, checkpoint_of, run_cli
+from util import InputError, checkpoint_of
 
 PAD_TO = 16             # batches padded to a multiple of this: one CUDA graph per length
 CHECK_EVERY = 50        # steps between reading the losses back (and the non-finite check)
@@ -453,14 +452,10 @@ def train_stage(run, stage, kind, model, teacher=None, graphs=None):
 
 
 def main(argv=None):
-    """distill.main with this loop in place of distill.train_stage (until distill.py calls it
-    itself)."""
+    """distill.main with this loop in place of distill.train_stage on any device: the CPU
+    tests run the loop eagerly through it (on one GPU distill.py calls it by itself)."""
     distill.train_stage = train_stage
     try:
         distill.main(argv)
     finally:
         distill.train_stage = _plain_train_stage
-
-
-if __name__ == "__main__":
-    run_cli(main)
