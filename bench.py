@@ -612,10 +612,11 @@ def step_flops(stage, teacher, student, trains, batch, length):
 
 def run_train(args):
     """Stages 1, 2 and 3 at the paper preset: seconds per step, tokens/s, peak memory, MFU,
-    for each of --ways: plain (as distill.py trains: fp32 weights, bf16 autocast, AdamW on the
-    trainable part), fast (train_fast's pieces: frozen weights held in bf16, the LM head padded
-    to an aligned vocabulary, losses without host syncs, the chunked KL), compiled (fast + the
-    elementwise work, the depthwise conv and the squared error through torch.compile).
+    for each of --ways: plain (as distill.py trains: fp32 weights, bf16 autocast, fused AdamW
+    on the trainable part), fast (train_fast's pieces: frozen weights held in bf16, the LM head
+    padded to an aligned vocabulary, losses without host syncs, the chunked KL), compiled
+    (fast + the elementwise work, the depthwise conv and the squared error through
+    torch.compile).
     --profile: where one step's GPU time goes (torch.profiler), for the last way."""
     import distill
     import train_fast
@@ -656,7 +657,8 @@ def run_train(args):
                     train_fast.frozen_to_bf16(m)
                     train_fast.pad_head(m)      # after the cast: its padded copy is bf16 too
             params = [p for p in student.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.05)
+            opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.05,
+                                    fused=True)             # as distill.py and train_fast.py
             loss_fn = distill.StageLoss(stage, student)
             if way != "plain":
                 def loss_fn(teacher, tokens, targets, images, stage=stage):

@@ -137,7 +137,7 @@ def report(run, stage, kind, model, train_s, **labels):
     chain = "+".join(str(s) for s in range(1, (stage or 0) + 1))        # stage k: 1+...+k
     rec = {"stage": stage, "model": kind, "layout": model.cfg.kinds, "preset": run.preset,
            "stages": None if kind == "teacher" else chain, "init": run.args.init, **labels,
-           **evaluate(model, qa, captions, run.tok), "train_s": train_s,
+           **evaluate(model, qa, captions, run.chat), "train_s": train_s,
            "blind_qa_accuracy": blind, "eval_samples": len(qa),
            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     results.append(rec)

@@ -80,8 +80,8 @@ PRESETS = {
     # patches merged 2 x 2 by the pixel shuffle, as HoVLE's are: 4 image tokens, one per shape
     # cell, so the teacher learns which cell a question names in 3000 steps, for every seed
     # tried (16 tokens: 2000-8000, by seed); with the wider initialisation, which learns the
-    # captions sooner (docs/cpu_study.md). Short sequences and 32-token chunks: a short step.
-    "tiny": Config(img_patch=8, img_merge=2, chunk_size=32, init_std=0.05),
+    # captions sooner (docs/cpu_study.md). Short sequences, each one scan chunk: a short step.
+    "tiny": Config(n_layer=2, img_patch=8, img_merge=2, chunk_size=64, init_std=0.05),
     # a GPU model of tens of millions of parameters; 16 px patches of 64 px images: 16 image
     # tokens, 4 per shape cell (no merge: its recipe was tuned so, docs/small_gpu/README.md)
     "small": Config(n_layer=8, d_model=512, n_head=8, n_kv_head=4, head_dim=64, d_mlp=1536,
@@ -392,9 +392,11 @@ class Model(nn.Module):
             x = x.masked_scatter(slots[..., None], patches.reshape(-1, cfg.d_model).to(x.dtype))
         return x
 
-    def forward(self, tokens, images=None, cache=None):
-        """tokens: (B, T) int64; images: (B, 3, S, S) or None. Returns logits (B, T, V).
-        With a cache (new_cache), continues from cache.pos and advances it."""
+    def forward(self, tokens, images=None, cache=None, at=None):
+        """tokens: (B, T) int64; images: (B, 3, S, S) or None. Returns logits (B, T, V), or
+        (K, V) at the K positions where the (B, T) mask `at` is True (training scores only the
+        answers, and the LM head is a small model's largest matmul). With a cache (new_cache),
+        continues from cache.pos and advances it."""
         pos = cache.pos if cache is not None else 0
         T = tokens.shape[1]
         limit = cache.max_len if cache is not None else self.cfg.max_seq_len
@@ -406,7 +408,8 @@ class Model(nn.Module):
             x = layer(x, pos, cache.layers[i] if cache is not None else None)
         if cache is not None:
             cache.pos += T
-        return self.output(self.norm(x))
+        x = self.norm(x)
+        return self.output(x if at is None else x[at])
 
     def layer_io(self, tokens, images=None):
         """Teacher forcing for distillation stages 1-2: run this model and return, per layer,

@@ -152,7 +152,7 @@ def ssd_chunked(x, dt, A, B, C, dt_bias=None, initial_state=None, chunk_size=128
     cd = _compute_dtype(x)
     b, l, h, p = x.shape
     n = B.shape[-1]
-    Q = chunk_size
+    Q = min(chunk_size, l)              # a sequence shorter than a chunk: one chunk, unpadded
     dt = _discretize(dt, dt_bias, cd)                                   # (b, l, h)
     # Pad to whole chunks. A padded token has dt = 0: decay exp(0) = 1 and input 0, so it
     # changes neither the outputs before it nor the final state.

@@ -5,10 +5,9 @@ stage to train_stage here), and the fast pieces of a training step at the paper 
 same batches in the same order, the same losses, the same checkpoints, resume and Ctrl-C;
 tests/test_train_fast.py checks it against the plain loop. What changes, and why:
 
-  batches      prompts and answers are encoded once per distinct text and images drawn once
-               per scene (the plain loop spends most of a small-preset step drawing and
-               encoding on the CPU); each batch is right-padded to a multiple of PAD_TO tokens,
-               so only a few shapes ever occur (padding is causal-invisible and unscored)
+  batches      each batch is right-padded to a multiple of PAD_TO tokens, so only a few
+               shapes ever occur (padding is causal-invisible and unscored); as in the plain
+               loop, every distinct text is encoded and every scene drawn once (data.CachedChat)
   no host sync the losses are masked sums (boolean indexing waits for the GPU), the image
                tokens are gathered without counting them on the host, and the loss values come
                back every CHECK_EVERY steps (the non-finite check runs then, and before every
@@ -36,51 +35,20 @@ from util import InputError, checkpoint_of
 
 PAD_TO = 16             # batches padded to a multiple of this: one CUDA graph per length
 CHECK_EVERY = 50        # steps between reading the losses back (and the non-finite check)
-CACHE_BYTES = 4 << 30   # images kept in memory at most (the small preset's 20000: 1 GB)
 KL_ROWS = 2048          # rows of the (tokens, vocabulary) logits per KL chunk
 
 # -----------------------------------------------------------------------------
-# batches: data.make_batch with every distinct text encoded once and every scene drawn once
-
-
-class CachedChat:
-    """data.as_chat(tok), ours or a HoVLE folder's, with every distinct prompt and answer
-    encoded once and every image made once (CACHE_BYTES of them at most). The image cache
-    holds references to the examples' scenes, so their ids stay valid."""
-
-    def __init__(self, tok):
-        self.chat = data.as_chat(tok)
-        self.stop_id, self.never, self.decode = self.chat.stop_id, self.chat.never, self.chat.decode
-        self.prompts, self.answers, self.images, self.held = {}, {}, {}, 0
-
-    def prompt(self, question, n_img_tokens):
-        if question not in self.prompts:
-            self.prompts[question] = self.chat.prompt(question, n_img_tokens)
-        return self.prompts[question]
-
-    def answer(self, answer):
-        if answer not in self.answers:
-            self.answers[answer] = self.chat.answer(answer)
-        return self.answers[answer]
-
-    def image(self, ex, size):
-        key = id(ex["scene"]) if "scene" in ex else ex["path"]
-        if key in self.images:
-            return self.images[key][1]
-        img = self.chat.image(ex, size)
-        if self.held < CACHE_BYTES:            # large images of a large data set: made anew
-            self.images[key] = (ex.get("scene"), img)
-            self.held += img.numel() * img.element_size()
-        return img
+# batches: data.make_batch from a data.CachedChat, padded to a few lengths
 
 
 class Batches:
-    """data.make_batch(examples, tok, cfg) for the examples of one run, from a CachedChat,
-    right-padded further to a multiple of PAD_TO tokens (padding and -1 targets, as
-    make_batch pads), and moved to the device without waiting."""
+    """data.make_batch(examples, tok, cfg) for the examples of one run, from a data.CachedChat
+    (tok's, or tok itself), right-padded further to a multiple of PAD_TO tokens (padding and -1
+    targets, as make_batch pads), and moved to the device without waiting."""
 
     def __init__(self, tok, cfg, pad_to=PAD_TO):
-        self.chat, self.cfg, self.pad_to = CachedChat(tok), cfg, pad_to
+        self.chat = tok if isinstance(tok, data.CachedChat) else data.CachedChat(tok)
+        self.cfg, self.pad_to = cfg, pad_to
 
     def __call__(self, examples, device):
         tokens, targets, images = data.make_batch(examples, self.chat, self.cfg)
@@ -397,7 +365,7 @@ def train_stage(run, stage, kind, model, teacher=None, graphs=None):
     run.print(f"stage {stage} {kind}: {distill.RECIPE[stage]['loss']}; {steps} steps, lr {lr:g}, "
               f"batch {batch}; {n_train:.2f}M of {n_all:.2f}M params train (fast loop: "
               f"{'CUDA graphs' if graphs else 'eager'})")
-    make = Batches(run.tok, model.cfg)
+    make = Batches(run.chat, model.cfg)
     for m in {id(m): m for m in (model, teacher) if m is not None}.values():
         graph_safe(m)
         pad_head(m)
