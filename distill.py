@@ -60,9 +60,9 @@ RECIPE = {
     0: dict(trains="everything", loss="cross-entropy on the answer tokens",
             tiny=(5e-4, 32, 3000), small=(2e-4, 32, 4000), paper=(2e-4, 32, 4000)),
     1: dict(trains=NEW, loss="layer-wise MSE x 1000",
-            tiny=(3e-3, 32, 200), small=(3e-3, 32, 300), paper=(1e-3, 128, 20000)),
+            tiny=(3e-3, 32, 150), small=(3e-3, 32, 300), paper=(1e-3, 128, 20000)),
     2: dict(trains=NEW + XBC, loss="layer-wise MSE x 1000",
-            tiny=(1e-3, 32, 200), small=(1e-3, 32, 300), paper=(5e-4, 128, 20000)),
+            tiny=(1e-3, 32, 150), small=(1e-3, 32, 300), paper=(5e-4, 128, 20000)),
     # deviation: dt_bias and A_log (in NEW) train here too, as the paper's text says; the
     # released config leaves them out of stage 3
     3: dict(trains=NEW + XBC, loss="KL(teacher || student) per token",
@@ -223,7 +223,7 @@ def train_stage(run, stage, kind, model, teacher=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.05},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.999), fused=True)   # one kernel, not ~10
+                            lr=lr, betas=(0.9, 0.999), fused=True)  # one pass per tensor
     batches = torch.Generator().manual_seed(args.seed * 1000 + stage)
     start = resume(run, path, stage, [lr, batch, steps], model, opt, batches)
     if start["done"]:
