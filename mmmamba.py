@@ -15,6 +15,7 @@ Dimension glossary (paper letters in brackets):
     K  causal conv kernel size (2)   V  vocabulary       Np image tokens per image
     G  patch grid side (img_size / img_patch)            m  pixel shuffle factor (img_merge)
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -128,13 +129,18 @@ class RMSNorm(nn.Module):
         return (xf * self.weight).type_as(x)
 
 
+@functools.lru_cache(maxsize=64)   # every layer's q and k take the same angles: made once
+def rope_angles(T, hd, pos, theta, dtype, device):
+    """cos and sin of positions pos..pos+T-1 times the hd/2 frequencies, each (T, hd)."""
+    freqs = 1.0 / theta ** (torch.arange(0, hd, 2, device=device, dtype=dtype) / hd)
+    angles = torch.arange(pos, pos + T, device=device, dtype=dtype)[:, None] * freqs  # T, hd/2
+    return angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
+
+
 def rope(x, pos, theta):
     """Rotary position embedding (rotate-half form). x: (B, nh, T, hd); pos: first position."""
-    T, hd = x.shape[-2], x.shape[-1]
     xf = _up(x)
-    freqs = 1.0 / theta ** (torch.arange(0, hd, 2, device=x.device, dtype=xf.dtype) / hd)
-    angles = torch.arange(pos, pos + T, device=x.device, dtype=xf.dtype)[:, None] * freqs  # T, hd/2
-    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)     # (T, hd)
+    cos, sin = rope_angles(x.shape[-2], x.shape[-1], pos, theta, xf.dtype, x.device)
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (xf * cos + rotated * sin).type_as(x)
