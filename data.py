@@ -316,11 +316,9 @@ def make_batch(examples, tok, cfg, device="cpu"):
     if T > cfg.max_seq_len:
         raise InputError(f"an example of {T} tokens is longer than max_seq_len {cfg.max_seq_len}: "
                          "shorten the text or use a larger preset")
-    tokens = torch.full((len(examples), T), PAD_ID, dtype=torch.long)
-    targets = torch.full((len(examples), T), -1, dtype=torch.long)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        ids = p + a
-        tokens[i, :len(ids) - 1] = torch.tensor(ids[:-1])
-        targets[i, len(p) - 1:len(ids) - 1] = torch.tensor(a)          # predict the answer tokens
+    pad = [T + 1 - len(p) - len(a) for p, a in zip(prompts, answers)]   # per row, at the end
+    tokens = torch.tensor([(p + a)[:-1] + [PAD_ID] * n for p, a, n in zip(prompts, answers, pad)])
+    targets = torch.tensor([[-1] * (len(p) - 1) + a + [-1] * n        # predict the answer tokens
+                            for p, a, n in zip(prompts, answers, pad)])
     images = torch.stack([chat.image(ex, cfg.img_size) for ex in examples])
     return tokens.to(device), targets.to(device), images.to(device)
