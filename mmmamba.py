@@ -130,21 +130,25 @@ class RMSNorm(nn.Module):
         return (xf * self.weight).type_as(x)
 
 
-@functools.lru_cache(maxsize=64)   # every layer's q and k take the same angles: made once
-def rope_angles(T, hd, pos, theta, dtype, device):
+def angles(T, hd, pos, theta, dtype, device):
     """cos and sin of positions pos..pos+T-1 times the hd/2 frequencies, each (T, hd)."""
     freqs = 1.0 / theta ** (torch.arange(0, hd, 2, device=device, dtype=dtype) / hd)
-    angles = torch.arange(pos, pos + T, device=device, dtype=dtype)[:, None] * freqs  # T, hd/2
-    return angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
+    phase = torch.arange(pos, pos + T, device=device, dtype=dtype)[:, None] * freqs  # T, hd/2
+    return phase.cos().repeat(1, 2), phase.sin().repeat(1, 2)
+
+
+rope_angles = functools.lru_cache(maxsize=64)(angles)  # every layer's q, k: the same angles
 
 
 def rope(x, pos, theta):
-    """Rotary position embedding (rotate-half form). x: (B, nh, T, hd); pos: first position."""
+    """Rotary position embedding (rotate-half form). x: (B, nh, T, hd); pos: first position.
+    The angles are cached on the CPU only: a GPU step may be recorded into a CUDA graph, whose
+    kernels do not run while it records (a tensor cached then would hold no values yet)."""
     xf = _up(x)
-    cos, sin = rope_angles(x.shape[-2], x.shape[-1], pos, theta, xf.dtype, x.device)
+    make = rope_angles if x.device.type == "cpu" else angles
+    cos, sin = make(x.shape[-2], x.shape[-1], pos, theta, xf.dtype, x.device)
     x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).type_as(x)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)      # rotate half
 
 
 class MLP(nn.Module):

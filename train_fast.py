@@ -206,16 +206,12 @@ def fuse_elementwise(models):
     """torch.compile the elementwise work around the matmuls (RMSNorm, the gated norm, SwiGLU,
     RoPE, the depthwise conv, the split into heads, stage 1-2's squared error): eager PyTorch
     runs each of their fp32 steps as its own pass over a (tokens, width) tensor. Instance
-    attributes, mmmamba.rope (and its angles) and SQ_ERR replaced; returns a function undoing
-    it."""
+    attributes, mmmamba.rope and SQ_ERR replaced; returns a function undoing it."""
     import mmmamba
     global SQ_ERR
     rms, gated, swiglu, conv, heads = (torch.compile(f)
                                        for f in (_rms, _gated, _swiglu, _dwconv, _heads))
-    rope, angles, patched = mmmamba.rope, mmmamba.rope_angles, []
-    # the compiled rope computes its angles inside the graph (dynamo would trace through the
-    # cache and warn about it)
-    mmmamba.rope_angles = angles.__wrapped__
+    rope, patched = mmmamba.rope, []
     mmmamba.rope, SQ_ERR = torch.compile(rope), torch.compile(_sq_err)
     for model in models:
         for m in model.modules():
@@ -237,7 +233,7 @@ def fuse_elementwise(models):
 
     def undo():
         global SQ_ERR
-        mmmamba.rope, mmmamba.rope_angles, SQ_ERR = rope, angles, _sq_err
+        mmmamba.rope, SQ_ERR = rope, _sq_err
         for m, name in patched:
             delattr(m, name)
     return undo

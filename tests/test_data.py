@@ -85,6 +85,26 @@ def test_loss_mask_covers_only_the_answer():
     assert (tokens == PAD_ID).any() and (targets[tokens == PAD_ID] == -1).all()
 
 
+def test_cached_chat_gives_the_plain_chats_batches():
+    """Every text encoded and every image made once: the same batches as the plain chat, the
+    same objects on a second call; with no room for images they are made anew (and still the
+    same), while the texts stay cached."""
+    train = data.shapes_split("train", 30)
+    tok = data.train_tokenizer(train, 512)
+    plain, cached, tight = data.Chat(tok), data.CachedChat(tok), data.CachedChat(tok, room=0)
+    for batch in (train[:9], train[5:20], train[::3]):   # repeats across batches
+        ref = data.make_batch(batch, plain, CFG)
+        for chat in (cached, tight):
+            for a, b in zip(data.make_batch(batch, chat, CFG), ref):
+                assert torch.equal(a, b)
+    ex = train[3]
+    assert cached.image(ex, 16) is cached.image(ex, 16)
+    assert tight.image(ex, 16) is not tight.image(ex, 16)
+    assert cached.prompt(ex["question"], 4) is cached.prompt(ex["question"], 4)
+    assert tight.answer(ex["answer"]) is tight.answer(ex["answer"])
+    assert data.as_chat(cached) is cached and cached.stop_id == plain.stop_id
+
+
 def make_llava(tmp_path, n=12):
     (tmp_path / "imgs").mkdir()
     records = []

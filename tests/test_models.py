@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mmmamba
 from mmmamba import (IMAGE_ID, IMG_END_ID, IMG_START_ID, PRESETS, Config, GatedRMSNorm, Mamba2,
-                     Model, expand_image_placeholder, pixel_shuffle)
+                     Model, expand_image_placeholder, pixel_shuffle, rope)
 from seed import hybrid_layout
 from util import InputError
 
@@ -322,3 +323,29 @@ def test_embedding_stack_has_its_own_rope_base_and_norm_eps():
     outs = [stacked(tokens[:, :10], images, cache)] + [stacked(tokens[:, t:t + 1], None, cache)
                                                        for t in range(10, T)]
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("layout", ["AAAA", "MMAM"])
+def test_logits_at_a_mask_are_those_rows(layout):
+    """Model.forward(..., at=mask): the LM head only where the mask is true, the same rows."""
+    model = randomize(Model(replace(CFG, layout=layout)), seed=5).eval()
+    tokens = torch.randint(8, CFG.vocab_size, (3, 11), generator=torch.Generator().manual_seed(1))
+    at = torch.rand(3, 11, generator=torch.Generator().manual_seed(2)) < 0.4
+    with torch.no_grad():
+        full, some = model(tokens), model(tokens, at=at)
+    assert some.shape == (int(at.sum()), CFG.vocab_size) and torch.allclose(some, full[at])
+
+
+def test_rope_angles_are_cached_on_the_cpu_and_right():
+    """rope against the rotation written out in float64 at two lengths and offsets; the angles
+    of a length and position are made once (the same tensors come back)."""
+    for T, pos in ((7, 0), (1, 13)):
+        x = torch.randn(2, 3, T, 8, dtype=torch.float64)
+        i = torch.arange(4, dtype=torch.float64)
+        ang = (pos + torch.arange(T, dtype=torch.float64))[:, None] / 500.0 ** (2 * i / 8)
+        c, s_ = ang.cos(), ang.sin()
+        x1, x2 = x[..., :4], x[..., 4:]
+        ref = torch.cat([x1 * c - x2 * s_, x2 * c + x1 * s_], -1)
+        assert torch.allclose(rope(x, pos, 500.0), ref, atol=1e-12)
+        first = mmmamba.rope_angles(T, 8, pos, 500.0, torch.float64, x.device)
+        assert mmmamba.rope_angles(T, 8, pos, 500.0, torch.float64, x.device)[0] is first[0]

@@ -1,7 +1,7 @@
 """What each of the step's speed changes buys on this machine: a tiny-preset teacher step
-(wall-clock ms, two threads, the median of 30 steps after 10) with the changes taken away one
-at a time, the ways interleaved step by step so that the machine's drift hits them alike;
-then a student step (stage 1 and stage 3) with the scan's chunks as before and now.
+(wall-clock ms, two threads, the median of 40 steps) with the changes taken away one at a
+time, each way in blocks of steps taken in turn, twice, so that the machine's drift hits them
+alike; then a student step (stage 1 and stage 3) with the scan's chunks as before and now.
 
     python docs/cpu_study/step_ab.py                # from a fresh teacher; students need one:
     python docs/cpu_study/step_ab.py out/stage0_teacher.pt
@@ -39,7 +39,7 @@ def all_logits_ce(model, tokens, targets, images):
 
 
 WAYS = {"now": {}, "-cache": {"chat": plain}, "-fused": {"fused": False},
-        "-scored": {"loss": all_logits_ce}, "-angles": {"angles": cached_angles.__wrapped__},
+        "-scored": {"loss": all_logits_ce}, "-angles": {"angles": mmmamba.angles},
         "4 layers": {"n_layer": 4}}
 
 
@@ -51,20 +51,28 @@ def make(way):
     return model, opt, o.get("chat", cached), o.get("loss", distill.answer_ce), o.get("angles")
 
 
-def teacher_steps(n=40, warm=10):
-    runs, times, rng = {w: make(w) for w in WAYS}, {w: [] for w in WAYS}, random.Random(0)
-    for i in range(n):
-        examples = rng.sample(train, 32)
+def teacher_steps(rounds=3, n=25, warm=5):
+    """Each way for the same n batches in turn, the turns repeated (ABC...ABC), the first
+    round only warming up: blocks, not single steps, so that one way's tensors do not evict
+    another's from the caches; the cached chat holds the batches' texts and images already,
+    as it does after the first part of a run."""
+    rng = random.Random(0)
+    examples = [rng.sample(train, 32) for _ in range(n)]
+    for ex in examples:
+        data.make_batch(ex, cached, cfg)
+    runs, times = {w: make(w) for w in WAYS}, {w: [] for w in WAYS}
+    for r in range(rounds):
         for way, (model, opt, chat, loss, angles) in runs.items():
             mmmamba.rope_angles = angles or cached_angles
-            t0 = time.perf_counter()
-            total, count = loss(model, *data.make_batch(examples, chat, model.cfg))
-            (total / count).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if i >= warm:
-                times[way].append(time.perf_counter() - t0)
+            for i, ex in enumerate(examples):
+                t0 = time.perf_counter()
+                total, count = loss(model, *data.make_batch(ex, chat, model.cfg))
+                (total / count).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if r and i >= warm:
+                    times[way].append(time.perf_counter() - t0)
     mmmamba.rope_angles = cached_angles
     for way, ts in times.items():
         print(f"teacher step, {way:9s} {1e3 * statistics.median(ts):6.1f} ms")
