@@ -1,0 +1,62 @@
+"""Where the fast scan's backward spends its time on a GPU, kernel by kernel, at the mmMamba
+shape (16 heads, P = N = 128, bf16, dt raw with dt_bias), and the same with other launch
+settings. Medians of triton.testing.do_bench, ms. Raw output: docs/h200/bwd_parts.log.
+
+    python docs/h200/bwd_parts.py
+
+Per shape: the forward; _chunk_states forward (the state entering every chunk) and reverse
+(the state gradient leaving every chunk), each a state kernel and a pass kernel; the gradient
+kernel (_scan_bwd_kernel); the whole backward. Then the backward at 8 x 2048 with other
+chunks, warps and stages, and the chunk-state kernels with other tiles."""
+import os
+import sys
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.getcwd())
+import scan_fast as sf                                          # noqa: E402
+
+H, P, N = 16, 128, 128
+
+
+def parts(b, l, Q=128):
+    ins = sf._random_inputs(b, l, H, P, N, torch.bfloat16, "cuda")
+    x, dt, A, B, C, bias = (ins[k] for k in ("x", "dt", "A", "B", "C", "dt_bias"))
+    dy, c = torch.randn_like(x), triton.cdiv(l, Q)
+    S, _ = sf._chunk_states(x, B, dt, A, bias, None, Q, False)
+    dS, _ = sf._chunk_states(dy, C, dt, A, bias, None, Q, True)
+    dx, dB, dC = torch.empty_like(x), torch.empty_like(B), torch.empty_like(C)
+    ddt = torch.empty(b, l, H, device="cuda")
+    dA = torch.empty(b, H, c, device="cuda")
+
+    def grads():
+        sf._scan_bwd_kernel[(c, b * H)](x, dt, bias, A, B, C, dy, S, dS, dx, ddt, dB, dC, dA,
+                                        l, H, P, N, c, Q=Q, BP=P, BN=N, HAS_BIAS=True,
+                                        **sf.BWD_CONFIG)
+    return {"fwd": do_bench(lambda: sf._ssd_fwd_triton(x, dt, A, B, C, bias, None, 128)),
+            "states": do_bench(lambda: sf._chunk_states(x, B, dt, A, bias, None, Q, False)),
+            "dstates": do_bench(lambda: sf._chunk_states(dy, C, dt, A, bias, None, Q, True)),
+            "grad kernel": do_bench(grads),
+            "bwd total": do_bench(lambda: sf._ssd_bwd_triton(dy, None, x, dt, A, B, C, bias,
+                                                             None, Q))}
+
+
+for b, l in ((16, 1024), (8, 2048), (4, 8192), (1, 65536)):
+    r = parts(b, l)
+    print(f"{b}x{l}", "  ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
+bwd = dict(sf.BWD_CONFIG)
+for Q in (64, 128):
+    for warps in (4, 8):
+        for stages in (1, 2):
+            sf.BWD_CONFIG = dict(num_warps=warps, num_stages=stages)
+            r = parts(8, 2048, Q)
+            print(f"Q {Q} warps {warps} stages {stages} grad kernel {r['grad kernel']:.3f} "
+                  f"bwd {r['bwd total']:.3f}", flush=True)
+sf.BWD_CONFIG = bwd
+for bp, warps in ((64, 4), (64, 8), (128, 4), (128, 8)):
+    sf.STATES_CONFIG = dict(BP=bp, num_warps=warps, num_stages=2)
+    r = parts(8, 2048)
+    print(f"states BP {bp} warps {warps} states {r['states']:.3f} dstates {r['dstates']:.3f}",
+          flush=True)
