@@ -658,7 +658,7 @@ def run_train(args):
                     train_fast.pad_head(m)      # after the cast: its padded copy is bf16 too
             params = [p for p in student.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.05,
-                                    fused=True)             # as distill.py and train_fast.py
+                                    fused=True)             # as distill.py's loop
             loss_fn = distill.StageLoss(stage, student)
             if way != "plain":
                 def loss_fn(teacher, tokens, targets, images, stage=stage):

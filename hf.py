@@ -482,7 +482,8 @@ class HFTokenizer:
 
 
 # InternVL's system message for "internlm2-chat", the template HoVLE's config names
-SYSTEM = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，"
+SYSTEM = ("你是由上海人工智能实验室联合商汤科技"
+          "开发的书生多模态大模型，"
           "英文名叫InternVL, 是一个有用无害的人工智能助手。")
 
 

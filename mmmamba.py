@@ -378,7 +378,7 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, kind, i) for i, kind in enumerate(cfg.kinds))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        for m in self.modules():                    # GPT-2's initialisation (std 0.02)
+        for m in self.modules():        # GPT-2's initialisation (its std 0.02 the default)
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=cfg.init_std)
                 if getattr(m, "bias", None) is not None:
