@@ -1,10 +1,9 @@
 """What each of the step's speed changes buys on this machine: a tiny-preset teacher step
 (wall-clock ms, two threads, the median of 40 steps) with the changes taken away one at a
 time, each way in blocks of steps taken in turn, twice, so that the machine's drift hits them
-alike; then a student step (stage 1 and stage 3) with the scan's chunks as before and now.
+alike. (Student steps with the scan's chunks as before and now: student_step.py 32 64.)
 
-    python docs/cpu_study/step_ab.py                # from a fresh teacher; students need one:
-    python docs/cpu_study/step_ab.py out/stage0_teacher.pt
+    python docs/cpu_study/step_ab.py
 
 Ways: "now" is distill.py's step; "-cache" builds batches with the plain chat (every text
 encoded, every image drawn anew); "-fused" uses the foreach AdamW; "-scored" takes the LM
@@ -78,46 +77,4 @@ def teacher_steps(rounds=3, n=25, warm=5):
         print(f"teacher step, {way:9s} {1e3 * statistics.median(ts):6.1f} ms")
 
 
-def student_steps(path, n=14, warm=4):
-    from seed import seed_student
-    from util import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
-    ckpt = load_checkpoint(path)
-    teacher = model_from_checkpoint(ckpt).eval().requires_grad_(False)
-    chat = data.CachedChat(tokenizer_from_checkpoint(ckpt, path))
-    # before: chunks of 32, a 33-token sequence padded to 64; now: one chunk of its length.
-    # (Timing only: raw dt padded with 0 is not dt = 0, but later tokens change nothing
-    # before them, and the final state is not used in training.)
-    chunked = mmmamba.ssd.__globals__["ssd_chunked"]
-
-    def padded(x, dt, A, B, C, dt_bias=None, initial_state=None, chunk_size=128):
-        l, Q = x.shape[1], 32
-        pad = (-l) % Q
-        y, final = chunked(F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad)), A,
-                           *(F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (B, C)), dt_bias,
-                           initial_state, Q)
-        return y[:, :l], final
-    for name, fn in (("chunks of 32", padded), ("one chunk", chunked)):
-        mmmamba.ssd.__globals__["ssd_chunked"] = fn
-        torch.manual_seed(0)
-        student, rng = seed_student(teacher, "M" * teacher.cfg.n_layer), random.Random(0)
-        for stage in (1, 3):
-            distill.freeze_for(student, stage)
-            opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad],
-                                    lr=1e-4, fused=True)
-            loss_of, ts = distill.StageLoss(stage, student), []
-            for i in range(n):
-                batch = data.make_batch(rng.sample(train, 32), chat, student.cfg)
-                t0 = time.perf_counter()
-                total, count = loss_of(teacher, *batch)
-                (total / count).backward()
-                opt.step()
-                opt.zero_grad()
-                if i >= warm:
-                    ts.append(time.perf_counter() - t0)
-            print(f"student stage {stage}, {name:12s} {1e3 * statistics.median(ts):6.1f} ms")
-    mmmamba.ssd.__globals__["ssd_chunked"] = chunked
-
-
 teacher_steps()
-if len(sys.argv) > 1:
-    student_steps(sys.argv[1])
