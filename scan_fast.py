@@ -66,7 +66,13 @@ from util import ArgumentParser, InputError, run_cli
 # The backward (chunk-parallel, one program per (chunk, batch*head)) needs the state entering
 # every chunk and the gradient of the state leaving it: _state_kernel + _pass_kernel with G = 1
 # give both (the second run goes backwards in time with dy and C in place of x and B).
-# _scan_bwd_kernel then forms every gradient of one chunk from those two (P, N) matrices.
+# Then two kernels form every gradient of one chunk from those two (P, N) matrices:
+#   _bwd_bc_kernel one program per (chunk, batch*head, side): dC (side 0) or dB (side 1), each
+#                  from W = dy xdt^T (decayed) and one state; and the pairs' share of dA
+#   _bwd_dx_kernel one program per (chunk, batch*head): dx from M = C B^T (decayed) and dS,
+#                  then ddt and dA, adding _bwd_bc_kernel's shares
+# Split three ways (docs/kernel_log.md, v6), no program holds more than one (Q, Q) matrix, one
+# state and one (Q, N) or (Q, P) result: the single kernel before held all of them and spilled.
 
 
 @triton.jit
@@ -243,76 +249,119 @@ def _scan_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, y_ptr, s_ptr, 
 
 
 @triton.jit
-def _scan_bwd_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
-                     dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr,
-                     L, H, P, N, nchunks,
-                     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """All gradients of one chunk of one (batch, head), given S = the state entering the chunk
-    and dS = the gradient of the state leaving it (both (P, N), fp32, from _pass_kernel).
-    With xdt = dt x, M = (C B^T) * decay (causal), W = (dy xdt^T) * decay:
-        dxdt = M^T dy + e_out * B dS^T          dC = W B + e_in * dy S
-        dB   = W^T C + e_out * xdt dS           (e_in = exp(cs_t), e_out = exp(cs_end - cs_t))
-    The log-decays cs get d(cs_t) = <dy_t, y_t> - <xdt_t, dxdt_t> (+ <dS, S_end> at the chunk's
-    last token); dA_t is the reverse cumsum of that inside the chunk. It is summed here from
-    terms that do not cancel: the pairs (t, s) inside the chunk (row minus column sums of
-    W * C B^T), the state->output term, and the state terms as an exclusive cumsum.
-    One program holds the whole (Q, P) and (Q, N) tiles: dB and dC sum over all of P."""
-    k, bh = tl.program_id(0), tl.program_id(1)
+def _bwd_chunk(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, dy_ptr, k, bh, L, H, P,
+               Q: tl.constexpr, BP: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """What every backward kernel loads first for chunk k of one (batch, head): the chunk's
+    token rows, its decays and x, dy, xdt = dt x (fp32 and in x's dtype for the products)."""
     bi, hi = bh // H, bh % H
     q = tl.arange(0, Q)
     p = tl.arange(0, BP)
-    n = tl.arange(0, BN)
     t = k * Q + q
-    tm = t < L
     rows = (bi * L + t).to(tl.int64) * H + hi
-    qp_mask = tm[:, None] & (p < P)[None, :]
-    qn_mask = tm[:, None] & (n < N)[None, :]
+    qp_mask = (t < L)[:, None] & (p < P)[None, :]
     raw, dt, cs = _chunk_decay(dt_ptr, dt_bias_ptr, A_ptr, bi * L, hi, t, L, H, HAS_BIAS)
-    total = _last(cs, Q)
     x = tl.load(x_ptr + rows[:, None] * P + p[None, :], mask=qp_mask, other=0.0)
     dy = tl.load(dy_ptr + rows[:, None] * P + p[None, :], mask=qp_mask, other=0.0).to(x.dtype)
-    Bm = tl.load(B_ptr + rows[:, None] * N + n[None, :], mask=qn_mask, other=0.0)
-    Cm = tl.load(C_ptr + rows[:, None] * N + n[None, :], mask=qn_mask, other=0.0)
-    st = ((bi * nchunks + k) * H + hi).to(tl.int64) * P
+    xdt = x.to(tl.float32) * dt[:, None]
+    return t, rows, raw, dt, cs, x, dy, xdt
+
+
+@triton.jit
+def _bwd_bc_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
+                   dB_ptr, dC_ptr, zr_ptr, zc_ptr, L, H, P, N, nchunks,
+                   Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """dC (program_id(2) == 0) or dB (== 1) of one chunk of one (batch, head), given S = the
+    state entering the chunk and dS = the gradient of the state leaving it. With xdt = dt x
+    and W = (dy xdt^T) * decay (causal: W_ts = dy_t . xdt_s exp(cs_t - cs_s), s <= t):
+        dC = W B + e_in * dy S          dB = W^T C + e_out * xdt dS
+    (e_in = exp(cs_t), e_out = exp(cs_end - cs_t)). The two halves share W's product, one
+    program each: apart, each holds one (Q, N) result and one state, not two of each.
+    Also the pairs' share of the log-decays' gradient (see _bwd_dx_kernel) without forming
+    C B^T: sum_s<t W_ts (C_t . B_s) = C_t . (W_strict B)_t, and by columns B_s . (W_strict^T C)_s,
+    the strictly causal products these gradients take anyway (the diagonal, which cancels
+    between rows and columns, is added apart, exactly). Row terms (+ <C_t, e_in (dy S)_t>,
+    the state -> output term) go to zr, column terms to zc."""
+    k, bh, side = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q = tl.arange(0, Q)
+    n = tl.arange(0, BN)
+    p = tl.arange(0, BP)
+    t, rows, _, dt, cs, x, dy, xdt = _bwd_chunk(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, dy_ptr, k, bh,
+                                                L, H, P, Q, BP, HAS_BIAS)
+    total = _last(cs, Q)
+    xdt_lo = xdt.to(x.dtype)
+    qn_mask = (t < L)[:, None] & (n < N)[None, :]
+    qn = rows[:, None] * N + n[None, :]
+    Bm = tl.load(B_ptr + qn, mask=qn_mask, other=0.0)
+    Cm = tl.load(C_ptr + qn, mask=qn_mask, other=0.0)
+    decay = tl.where(q[:, None] > q[None, :],
+                     tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
+    W = (tl.dot(dy, tl.trans(xdt_lo)) * decay).to(Cm.dtype)           # strictly causal
+    diag = tl.sum(dy.to(tl.float32) * xdt_lo.to(tl.float32), axis=1)  # W_tt, decay 1
+    st = ((bh // H * nchunks + k) * H + bh % H).to(tl.int64) * P
     pn = (st + p)[:, None] * N + n[None, :]
     pn_mask = (p < P)[:, None] & (n < N)[None, :]
-    S = tl.load(s_ptr + pn, mask=pn_mask, other=0.0)                    # (P, N) entering
+    if side == 0:
+        g = tl.dot(W, Bm)                                               # (Q, N)
+        zq = tl.sum(Cm.to(tl.float32) * g, axis=1)
+        S = tl.load(s_ptr + pn, mask=pn_mask, other=0.0)                # (P, N) entering
+        g_state = tl.dot(dy, S.to(x.dtype)) * tl.exp(tl.minimum(cs, 0.0))[:, None]
+        zq += tl.sum(Cm.to(tl.float32) * g_state, axis=1)
+        g += diag[:, None] * Bm.to(tl.float32) + g_state
+        tl.store(dC_ptr + qn, g.to(dC_ptr.dtype.element_ty), mask=qn_mask)
+        tl.store(zr_ptr + rows, zq, mask=t < L)
+    else:
+        g = tl.dot(tl.trans(W), Cm)                                     # (Q, N)
+        zq = tl.sum(Bm.to(tl.float32) * g, axis=1)
+        dS = tl.load(ds_ptr + pn, mask=pn_mask, other=0.0)              # (P, N) grad leaving
+        e_out = tl.exp(tl.minimum(total - cs, 0.0))
+        g += diag[:, None] * Cm.to(tl.float32) + tl.dot(xdt_lo, dS.to(x.dtype)) * e_out[:, None]
+        tl.store(dB_ptr + qn, g.to(dB_ptr.dtype.element_ty), mask=qn_mask)
+        tl.store(zc_ptr + rows, zq, mask=t < L)
+
+
+@triton.jit
+def _bwd_dx_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr, zr_ptr,
+                   zc_ptr, dx_ptr, ddt_ptr, dA_ptr, L, H, P, N, nchunks,
+                   Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """dx, ddt and dA of one chunk of one (batch, head), after _bwd_bc_kernel. With
+    M = (C B^T) * decay (causal):  dxdt = M^T dy + e_out * B dS^T,  dx = dt dxdt.
+    The log-decays cs get d(cs_t) = <dy_t, y_t> - <xdt_t, dxdt_t> (+ <dS, S_end> at the chunk's
+    last token); dA_t is the reverse cumsum of that inside the chunk. It is summed from terms
+    that do not cancel: the pairs (t, s) inside the chunk and the state -> output term (zr - zc,
+    from _bwd_bc_kernel), the input -> state term as an exclusive cumsum, the incoming state's."""
+    k, bh = tl.program_id(0), tl.program_id(1)
+    q = tl.arange(0, Q)
+    n = tl.arange(0, BN)
+    p = tl.arange(0, BP)
+    t, rows, raw, dt, cs, x, dy, xdt = _bwd_chunk(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, dy_ptr, k,
+                                                  bh, L, H, P, Q, BP, HAS_BIAS)
+    total = _last(cs, Q)
+    tm = t < L
+    qn_mask = tm[:, None] & (n < N)[None, :]
+    Bm = tl.load(B_ptr + rows[:, None] * N + n[None, :], mask=qn_mask, other=0.0)
+    Cm = tl.load(C_ptr + rows[:, None] * N + n[None, :], mask=qn_mask, other=0.0)
+    st = ((bh // H * nchunks + k) * H + bh % H).to(tl.int64) * P
+    pn = (st + p)[:, None] * N + n[None, :]
+    pn_mask = (p < P)[:, None] & (n < N)[None, :]
     dS = tl.load(ds_ptr + pn, mask=pn_mask, other=0.0)                  # (P, N) grad leaving
-    e_in = tl.exp(tl.minimum(cs, 0.0))
     e_out = tl.exp(tl.minimum(total - cs, 0.0))
+    dx_state = tl.dot(Bm, tl.trans(dS).to(Bm.dtype)) * e_out[:, None]   # (Q, P)
+    u = tl.sum(xdt * dx_state, axis=1)                                  # <xdt_t, dxdt_state_t>
     decay = tl.where(q[:, None] >= q[None, :],
                      tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
-    xdt = x.to(tl.float32) * dt[:, None]
-    xdt_lo = xdt.to(x.dtype)
-
-    cb = tl.dot(Cm, tl.trans(Bm))                                       # (Q, Q): C_t . B_s
-    W = tl.dot(dy, tl.trans(xdt_lo)) * decay                            # (Q, Q): dy_t . xdt_s
-    WC = tl.where(q[:, None] > q[None, :], W * cb, 0.0)                 # s < t: the diagonal
-    dA_pairs = tl.sum(WC, axis=1) - tl.sum(WC, axis=0)                  # cancels, leave it out
-
-    dC_state = tl.dot(dy, S.to(x.dtype)) * e_in[:, None]                # (Q, N)
-    dC = tl.dot(W.to(Cm.dtype), Bm, dC_state)
-    tl.store(dC_ptr + rows[:, None] * N + n[None, :], dC.to(dC_ptr.dtype.element_ty), mask=qn_mask)
-    dB = tl.dot(xdt_lo, dS.to(x.dtype)) * e_out[:, None]
-    dB = tl.dot(tl.trans(W).to(Cm.dtype), Cm, dB)
-    tl.store(dB_ptr + rows[:, None] * N + n[None, :], dB.to(dB_ptr.dtype.element_ty), mask=qn_mask)
-    dxdt_state = tl.dot(Bm, tl.trans(dS).to(Bm.dtype)) * e_out[:, None] # (Q, P)
-    dxdt = tl.dot(tl.trans(cb * decay).to(x.dtype), dy, dxdt_state)
+    M = (tl.dot(Cm, tl.trans(Bm)) * decay).to(x.dtype)                  # (Q, Q)
+    dxdt = tl.dot(tl.trans(M), dy, dx_state)
     tl.store(dx_ptr + rows[:, None] * P + p[None, :],
-             (dxdt * dt[:, None]).to(dx_ptr.dtype.element_ty),
-             mask=qp_mask)
-
-    z = dA_pairs + tl.sum(Cm.to(tl.float32) * dC_state, axis=1)        # pairs + <dy_t, y_state_t>
-    u = tl.sum(xdt * dxdt_state, axis=1)                                # <xdt_t, dxdt_state_t>
-    ddA = tl.cumsum(z, axis=0, reverse=True) + (tl.cumsum(u, axis=0) - u) \
+             (dxdt * dt[:, None]).to(dx_ptr.dtype.element_ty), mask=tm[:, None] & (p < P)[None, :])
+    S = tl.load(s_ptr + pn, mask=pn_mask, other=0.0)                    # (P, N) entering
+    zq = tl.load(zr_ptr + rows, mask=tm, other=0.0) - tl.load(zc_ptr + rows, mask=tm, other=0.0)
+    ddA = tl.cumsum(zq, axis=0, reverse=True) + (tl.cumsum(u, axis=0) - u) \
         + tl.exp(total) * tl.sum(tl.sum(dS * S, axis=1), axis=0)
-    A = tl.load(A_ptr + hi).to(tl.float32)
+    A = tl.load(A_ptr + bh % H).to(tl.float32)
     ddt = tl.sum(x.to(tl.float32) * dxdt, axis=1) + A * ddA
     draw = ddt / (1.0 + tl.exp(-raw))                                   # softplus' = sigmoid
     tl.store(ddt_ptr + rows, draw, mask=tm)
     tl.store(dA_ptr + bh * nchunks + k, tl.sum(tl.where(tm, dt * ddA, 0.0), axis=0))
-
-
 
 
 # -----------------------------------------------------------------------------
@@ -323,7 +372,7 @@ def _scan_bwd_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_
 # Forward: chunks of 64 tokens (or chunk_size if smaller), p-tiles of 64, two programs per SM.
 FWD_CONFIG = dict(Q=64, BP=64, num_warps=4, num_stages=2, programs_per_sm=2)
 STATES_CONFIG = dict(BP=128, num_warps=8, num_stages=2)   # _chunk_states (backward, G = 1)
-BWD_CONFIG = dict(num_warps=8, num_stages=1)             # _scan_bwd_kernel (whole P, N)
+BWD_CONFIG = dict(num_warps=8, num_stages=1)             # _bwd_bc/_dx_kernel (whole P, N)
 PASS_BLOCK = 512                                          # state entries per _pass_kernel program
 SEGMENT_CHUNKS = None                                     # G; None: _pick_segment decides
 # Backward chunk by input element size: the backward kernel holds whole (Q, P), (Q, N), (P, N)
@@ -433,15 +482,18 @@ def _ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, dt_bias, initial_state, Q):
     dx, dB, dC = torch.empty_like(x), torch.empty_like(B), torch.empty_like(C)
     ddt = torch.empty(b, l, h, device=x.device, dtype=torch.float32)
     dA = torch.empty(b, h, c, device=x.device, dtype=torch.float32)
-    _scan_bwd_kernel[(c, b * h)](
-        x, dt, dt_bias if dt_bias is not None else A, A, B, C, dy, S, dS, dx, ddt, dB, dC, dA,
-        l, h, p, n, c, Q=Q, BP=_pow2(p), BN=_pow2(n), HAS_BIAS=dt_bias is not None,
-        **BWD_CONFIG)
+    z = torch.empty(2, b, l, h, device=x.device, dtype=torch.float32)  # pairs: rows, columns
+    bias = dt_bias if dt_bias is not None else A
+    shapes = dict(Q=Q, BP=_pow2(p), BN=_pow2(n), HAS_BIAS=dt_bias is not None, **BWD_CONFIG)
+    _bwd_bc_kernel[(c, b * h, 2)](x, dt, bias, A, B, C, dy, S, dS, dB, dC, *z, l, h, p, n, c,
+                                  **shapes)
+    _bwd_dx_kernel[(c, b * h)](x, dt, bias, A, B, C, dy, S, dS, *z, dx, ddt, dA, l, h, p, n, c,
+                               **shapes)
     return dx, ddt, dA.sum((0, 2)), dB, dC, ddt.sum((0, 1)), dinit
 
 
 def _ssd_bwd_torch(ctx, dy, dfinal):
-    """fp32 inputs on the GPU: _scan_bwd_kernel holds whole (P, N) fp32 matrices as tensor-core
+    """fp32 inputs on the GPU: the gradient kernels hold whole (P, N) fp32 matrices as tensor-core
     operands, 480 KiB of shared memory at P = N = 128 (an H100 has 227). Until the kernel is
     tiled over N for fp32, those gradients come from autograd through ssd_chunked (recomputed).
     The CPU interpreter tests still check the Triton backward in fp32 at small sizes."""
@@ -831,7 +883,7 @@ def probe():
         with torch.no_grad():
             ssd(**ins, backend="simple")
     torch.cuda.synchronize()
-    kernels = (_state_kernel, _pass_kernel, _scan_kernel, _scan_bwd_kernel,
+    kernels = (_state_kernel, _pass_kernel, _scan_kernel, _bwd_bc_kernel, _bwd_dx_kernel,
                scan_kernel._simple_scan_kernel)
     for fn in kernels:
         for caches in fn.device_caches.values():

@@ -117,8 +117,10 @@ def kl_sum(t_logits, s_logits, count, rows=KL_ROWS):
 
 def stage_loss(stage, teacher, student, tokens, targets, images):
     """(sum, count) of distill.StageLoss(stage, student), without boolean indexing."""
-    if stage == 0:
-        return distill.answer_ce(student, tokens, targets, images)
+    if stage == 0:          # distill.answer_ce scores x[mask]: a host sync no graph can record
+        logits = student(tokens, images).flatten(0, 1).float()
+        return (F.cross_entropy(logits, targets.flatten(), ignore_index=-1, reduction="sum"),
+                (targets != -1).sum())
     if stage in (1, 2):
         with torch.no_grad():
             ios = teacher.layer_io(tokens, images)

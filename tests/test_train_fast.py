@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import distill
@@ -106,6 +107,44 @@ def test_stage_loss_is_distills(world, stage):
     assert c_got.item() == c_want.item()
     assert abs(t_got.item() - t_want.item()) <= 1e-5 * abs(t_want.item())
     assert max(rel(a, b) for a, b in zip(g_got, g_want) if b.norm() > 0) < 1e-4
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops whose result the host must read before going on (an output shape set by
+    the data, or a value): a CUDA graph records kernels without running them, so a step that
+    needs one fails to capture."""
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        masks = [i for i in (args[1] if name == "index" else ()) if i is not None]
+        if name in ("nonzero", "masked_select", "_local_scalar_dense", "masked_scatter") or \
+                any(i.dtype == torch.bool for i in masks):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_stage_loss_reads_nothing_on_the_host(world, stage):
+    """What the CUDA-graph loop records, forward and backward: found on the CPU, where the GPU
+    test (test_gpu_graph_step_is_the_eager_step) cannot run."""
+    train, tok, teacher, student = world
+    model = train_fast.graph_safe(student if stage else Model(MICRO))
+    batch = train_fast.Batches(tok, MICRO)(train[2:9], torch.device("cpu"))
+    try:
+        train_fast.graph_safe(teacher)
+        with HostReads() as reads:
+            total, count = train_fast.stage_loss(stage, teacher, model, *batch)
+            (total / count).backward()
+    finally:
+        del model.embed, teacher.embed
+        model.zero_grad(set_to_none=True)
+    assert reads.seen == [], reads.seen
+    with HostReads() as reads:                                      # it does see such a read
+        distill.answer_ce(model, *batch)
+    assert "index" in reads.seen
 
 
 def test_frozen_bf16_weights_give_the_same_bits_under_autocast(world):

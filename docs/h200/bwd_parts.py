@@ -6,8 +6,8 @@ settings. Medians of triton.testing.do_bench, ms. Raw output: docs/h200/bwd_part
 
 Per shape: the forward; _chunk_states forward (the state entering every chunk) and reverse
 (the state gradient leaving every chunk), each a state kernel and a pass kernel; the gradient
-kernel (_scan_bwd_kernel); the whole backward. Then the backward at 8 x 2048 with other
-chunks, warps and stages, and the chunk-state kernels with other tiles."""
+kernels (_bwd_bc_kernel: dB and dC; _bwd_dx_kernel: dx, ddt, dA); the whole backward. Then the backward at 8 x 2048 with other
+chunks, warps and stages."""
 import os
 import sys
 
@@ -30,15 +30,20 @@ def parts(b, l, Q=128):
     dx, dB, dC = torch.empty_like(x), torch.empty_like(B), torch.empty_like(C)
     ddt = torch.empty(b, l, H, device="cuda")
     dA = torch.empty(b, H, c, device="cuda")
+    z = torch.empty(2, b, l, H, device="cuda")
+    shapes = dict(Q=Q, BP=P, BN=N, HAS_BIAS=True, **sf.BWD_CONFIG)
 
-    def grads():
-        sf._scan_bwd_kernel[(c, b * H)](x, dt, bias, A, B, C, dy, S, dS, dx, ddt, dB, dC, dA,
-                                        l, H, P, N, c, Q=Q, BP=P, BN=N, HAS_BIAS=True,
-                                        **sf.BWD_CONFIG)
+    def bc():
+        sf._bwd_bc_kernel[(c, b * H, 2)](x, dt, bias, A, B, C, dy, S, dS, dB, dC, *z, l, H, P, N,
+                                         c, **shapes)
+
+    def dx_kernel():
+        sf._bwd_dx_kernel[(c, b * H)](x, dt, bias, A, B, C, dy, S, dS, *z, dx, ddt, dA, l, H, P,
+                                      N, c, **shapes)
     return {"fwd": do_bench(lambda: sf._ssd_fwd_triton(x, dt, A, B, C, bias, None, 128)),
             "states": do_bench(lambda: sf._chunk_states(x, B, dt, A, bias, None, Q, False)),
             "dstates": do_bench(lambda: sf._chunk_states(dy, C, dt, A, bias, None, Q, True)),
-            "grad kernel": do_bench(grads),
+            "dB dC kernel": do_bench(bc), "dx kernel": do_bench(dx_kernel),
             "bwd total": do_bench(lambda: sf._ssd_bwd_triton(dy, None, x, dt, A, B, C, bias,
                                                              None, Q))}
 
@@ -52,11 +57,7 @@ for Q in (64, 128):
         for stages in (1, 2):
             sf.BWD_CONFIG = dict(num_warps=warps, num_stages=stages)
             r = parts(8, 2048, Q)
-            print(f"Q {Q} warps {warps} stages {stages} grad kernel {r['grad kernel']:.3f} "
+            print(f"Q {Q} warps {warps} stages {stages} dB dC {r['dB dC kernel']:.3f} "
+                  f"dx {r['dx kernel']:.3f} "
                   f"bwd {r['bwd total']:.3f}", flush=True)
 sf.BWD_CONFIG = bwd
-for bp, warps in ((64, 4), (64, 8), (128, 4), (128, 8)):
-    sf.STATES_CONFIG = dict(BP=bp, num_warps=warps, num_stages=2)
-    r = parts(8, 2048)
-    print(f"states BP {bp} warps {warps} states {r['states']:.3f} dstates {r['dstates']:.3f}",
-          flush=True)
