@@ -147,11 +147,12 @@ def _state_kernel(u_ptr, v_ptr, dt_ptr, dt_bias_ptr, A_ptr, s_ptr, seg_ptr,
 
 
 @triton.jit
-def _pass_kernel(s_ptr, seg_ptr, init_ptr, final_ptr, H, PN, nseg, nsteps,
+def _pass_kernel(s_ptr, o_ptr, seg_ptr, init_ptr, final_ptr, H, PN, nseg, nsteps,
                  BLOCK: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr,
                  STORE_FINAL: tl.constexpr):
-    """State passing over segments, in place: s_ptr holds (b, nseg, h, P*N) per-segment
-    contributions on entry and the state entering each segment on exit (for REVERSE: the state
+    """State passing over segments: s_ptr holds (b, nseg, h, P*N) per-segment contributions,
+    o_ptr (s_ptr itself, or a copy in the inputs' dtype) gets the state entering each segment
+    (for REVERSE: the state
     gradient at each segment's end). Sequential over segments, elementwise, so a program owns a
     flat BLOCK of the P*N entries: many programs, each a short chain of load-fma-store.
     The first nsteps segments have a contribution: all nseg in the backward (STORE_FINAL), all
@@ -174,14 +175,14 @@ def _pass_kernel(s_ptr, seg_ptr, init_ptr, final_ptr, H, PN, nseg, nsteps,
         nxt = tl.load(s_ptr + base + (g + step) * H * PN, mask=ok & (e * 0 + i + 1 < nsteps),
                       other=0.0)
         decay = tl.exp(tl.load(seg_ptr + bh * nseg + g))
-        tl.store(s_ptr + base + g * H * PN, s, mask=ok)
+        tl.store(o_ptr + base + g * H * PN, s.to(o_ptr.dtype.element_ty), mask=ok)
         s = decay * s + contrib
         contrib = nxt
         g += step
     if STORE_FINAL:
         tl.store(final_ptr + bh.to(tl.int64) * PN + e, s, mask=ok)
     else:                                                               # entering the last segment
-        tl.store(s_ptr + base + g * H * PN, s, mask=ok)
+        tl.store(o_ptr + base + g * H * PN, s, mask=ok)
 
 
 @triton.jit
@@ -249,45 +250,51 @@ def _scan_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, y_ptr, s_ptr, 
 
 
 @triton.jit
-def _bwd_chunk(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, dy_ptr, k, bh, L, H, P,
-               Q: tl.constexpr, BP: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _bwd_chunk(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, dy_ptr, k, bh, p, L, H, P,
+               Q: tl.constexpr, HAS_BIAS: tl.constexpr):
     """What every backward kernel loads first for chunk k of one (batch, head): the chunk's
-    token rows, its decays and x, dy, xdt = dt x (fp32 and in x's dtype for the products)."""
+    token rows, its decays and the columns p of x, dy and xdt = dt x (fp32)."""
     bi, hi = bh // H, bh % H
-    q = tl.arange(0, Q)
-    p = tl.arange(0, BP)
-    t = k * Q + q
+    t = k * Q + tl.arange(0, Q)
     rows = (bi * L + t).to(tl.int64) * H + hi
     qp_mask = (t < L)[:, None] & (p < P)[None, :]
     raw, dt, cs = _chunk_decay(dt_ptr, dt_bias_ptr, A_ptr, bi * L, hi, t, L, H, HAS_BIAS)
     x = tl.load(x_ptr + rows[:, None] * P + p[None, :], mask=qp_mask, other=0.0)
     dy = tl.load(dy_ptr + rows[:, None] * P + p[None, :], mask=qp_mask, other=0.0).to(x.dtype)
-    xdt = x.to(tl.float32) * dt[:, None]
-    return t, rows, raw, dt, cs, x, dy, xdt
+    return t, rows, raw, dt, cs, x, dy, x.to(tl.float32) * dt[:, None]
+
+
+@triton.jit
+def _state_tile(s_ptr, bh, k, p, n, H, P, N, nchunks):
+    """The (len(p), len(n)) tile of chunk k's state, (b, nchunks, h, P, N)."""
+    st = ((bh // H * nchunks + k) * H + bh % H).to(tl.int64) * P
+    return tl.load(s_ptr + (st + p)[:, None] * N + n[None, :],
+                   mask=(p < P)[:, None] & (n < N)[None, :], other=0.0)
 
 
 @triton.jit
 def _bwd_bc_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
-                   dB_ptr, dC_ptr, zr_ptr, zc_ptr, L, H, P, N, nchunks,
-                   Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """dC (program_id(2) == 0) or dB (== 1) of one chunk of one (batch, head), given S = the
-    state entering the chunk and dS = the gradient of the state leaving it. With xdt = dt x
-    and W = (dy xdt^T) * decay (causal: W_ts = dy_t . xdt_s exp(cs_t - cs_s), s <= t):
+                   dB_ptr, dC_ptr, z_ptr, L, H, P, N, nchunks, zstride,
+                   Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, NT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr):
+    """Columns n (tile j % NT, j = program_id(2)) of dC (j < NT) or dB (j >= NT) for one
+    chunk of one (batch, head), given S = the state entering the chunk and dS = the gradient
+    of the state leaving it. With xdt = dt x and W = (dy xdt^T) * decay (causal:
+    W_ts = dy_t . xdt_s exp(cs_t - cs_s)):
         dC = W B + e_in * dy S          dB = W^T C + e_out * xdt dS
-    (e_in = exp(cs_t), e_out = exp(cs_end - cs_t)). The two halves share W's product, one
-    program each: apart, each holds one (Q, N) result and one state, not two of each.
-    Also the pairs' share of the log-decays' gradient (see _bwd_dx_kernel) without forming
-    C B^T: sum_s<t W_ts (C_t . B_s) = C_t . (W_strict B)_t, and by columns B_s . (W_strict^T C)_s,
-    the strictly causal products these gradients take anyway (the diagonal, which cancels
-    between rows and columns, is added apart, exactly). Row terms (+ <C_t, e_in (dy S)_t>,
-    the state -> output term) go to zr, column terms to zc."""
-    k, bh, side = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    (e_in = exp(cs_t), e_out = exp(cs_end - cs_t)). Each program forms W (a (Q, Q, P) product)
+    for one result: apart, each program is half the size of one that forms both.
+    Also the pairs' share of the log-decays' gradient (_bwd_dt_kernel) without C B^T:
+    sum_s<t W_ts (C_t . B_s) = C_t . (W_strict B)_t, by columns B_s . (W_strict^T C)_s: the
+    strictly causal products the gradients take anyway (the diagonal, which cancels between
+    rows and columns, is added apart). Row terms (and <C_t, e_in (dy S)_t>, the state -> output
+    term) go to z[tile], columns to z[NT + tile]."""
+    k, bh, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q = tl.arange(0, Q)
-    n = tl.arange(0, BN)
+    n = j % NT * BN + tl.arange(0, BN)
     p = tl.arange(0, BP)
-    t, rows, _, dt, cs, x, dy, xdt = _bwd_chunk(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, dy_ptr, k, bh,
-                                                L, H, P, Q, BP, HAS_BIAS)
-    total = _last(cs, Q)
+    t, rows, _, dt, cs, x, dy, xdt = _bwd_chunk(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, dy_ptr, k,
+                                                bh, p, L, H, P, Q, HAS_BIAS)
     xdt_lo = xdt.to(x.dtype)
     qn_mask = (t < L)[:, None] & (n < N)[None, :]
     qn = rows[:, None] * N + n[None, :]
@@ -295,72 +302,94 @@ def _bwd_bc_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_pt
     Cm = tl.load(C_ptr + qn, mask=qn_mask, other=0.0)
     decay = tl.where(q[:, None] > q[None, :],
                      tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
-    W = (tl.dot(dy, tl.trans(xdt_lo)) * decay).to(Cm.dtype)           # strictly causal
+    W = (tl.dot(dy, tl.trans(xdt_lo)) * decay).to(Cm.dtype)       # strictly causal
     diag = tl.sum(dy.to(tl.float32) * xdt_lo.to(tl.float32), axis=1)  # W_tt, decay 1
-    st = ((bh // H * nchunks + k) * H + bh % H).to(tl.int64) * P
-    pn = (st + p)[:, None] * N + n[None, :]
-    pn_mask = (p < P)[:, None] & (n < N)[None, :]
-    if side == 0:
-        g = tl.dot(W, Bm)                                               # (Q, N)
+    if j < NT:
+        g = tl.dot(W, Bm)                                           # (Q, BN)
         zq = tl.sum(Cm.to(tl.float32) * g, axis=1)
-        S = tl.load(s_ptr + pn, mask=pn_mask, other=0.0)                # (P, N) entering
+        S = _state_tile(s_ptr, bh, k, p, n, H, P, N, nchunks)       # (P, BN) entering
         g_state = tl.dot(dy, S.to(x.dtype)) * tl.exp(tl.minimum(cs, 0.0))[:, None]
         zq += tl.sum(Cm.to(tl.float32) * g_state, axis=1)
         g += diag[:, None] * Bm.to(tl.float32) + g_state
         tl.store(dC_ptr + qn, g.to(dC_ptr.dtype.element_ty), mask=qn_mask)
-        tl.store(zr_ptr + rows, zq, mask=t < L)
     else:
-        g = tl.dot(tl.trans(W), Cm)                                     # (Q, N)
+        g = tl.dot(tl.trans(W), Cm)                                 # (Q, BN)
         zq = tl.sum(Bm.to(tl.float32) * g, axis=1)
-        dS = tl.load(ds_ptr + pn, mask=pn_mask, other=0.0)              # (P, N) grad leaving
-        e_out = tl.exp(tl.minimum(total - cs, 0.0))
-        g += diag[:, None] * Cm.to(tl.float32) + tl.dot(xdt_lo, dS.to(x.dtype)) * e_out[:, None]
+        dS = _state_tile(ds_ptr, bh, k, p, n, H, P, N, nchunks)     # (P, BN) grad leaving
+        e_out = tl.exp(tl.minimum(_last(cs, Q) - cs, 0.0))
+        g += diag[:, None] * Cm.to(tl.float32) \
+            + tl.dot(xdt_lo, dS.to(x.dtype)) * e_out[:, None]
         tl.store(dB_ptr + qn, g.to(dB_ptr.dtype.element_ty), mask=qn_mask)
-        tl.store(zc_ptr + rows, zq, mask=t < L)
+    tl.store(z_ptr + j * zstride + rows, zq, mask=t < L)
 
 
 @triton.jit
-def _bwd_dx_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr, zr_ptr,
-                   zc_ptr, dx_ptr, ddt_ptr, dA_ptr, L, H, P, N, nchunks,
+def _bwd_dx_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
+                   dx_ptr, u_ptr, sds_ptr, L, H, P, N, nchunks, ustride,
                    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """dx, ddt and dA of one chunk of one (batch, head), after _bwd_bc_kernel. With
+    """Columns p (tile program_id(2)) of dx for one chunk of one (batch, head). With
     M = (C B^T) * decay (causal):  dxdt = M^T dy + e_out * B dS^T,  dx = dt dxdt.
-    The log-decays cs get d(cs_t) = <dy_t, y_t> - <xdt_t, dxdt_t> (+ <dS, S_end> at the chunk's
-    last token); dA_t is the reverse cumsum of that inside the chunk. It is summed from terms
-    that do not cancel: the pairs (t, s) inside the chunk and the state -> output term (zr - zc,
-    from _bwd_bc_kernel), the input -> state term as an exclusive cumsum, the incoming state's."""
-    k, bh = tl.program_id(0), tl.program_id(1)
+    Also this tile's shares of the log-decays' gradient: <xdt_t, (e_out B dS^T)_t> (the input
+    -> state term) and <x_t, dxdt_t> (ddt's own term) to u, and <dS, S> (the incoming state's
+    decay) to sds."""
+    k, bh, pt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q = tl.arange(0, Q)
     n = tl.arange(0, BN)
-    p = tl.arange(0, BP)
-    t, rows, raw, dt, cs, x, dy, xdt = _bwd_chunk(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, dy_ptr, k,
-                                                  bh, L, H, P, Q, BP, HAS_BIAS)
-    total = _last(cs, Q)
+    p = pt * BP + tl.arange(0, BP)
+    t, rows, _, dt, cs, x, dy, xdt = _bwd_chunk(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, dy_ptr, k,
+                                                bh, p, L, H, P, Q, HAS_BIAS)
     tm = t < L
     qn_mask = tm[:, None] & (n < N)[None, :]
     Bm = tl.load(B_ptr + rows[:, None] * N + n[None, :], mask=qn_mask, other=0.0)
     Cm = tl.load(C_ptr + rows[:, None] * N + n[None, :], mask=qn_mask, other=0.0)
-    st = ((bh // H * nchunks + k) * H + bh % H).to(tl.int64) * P
-    pn = (st + p)[:, None] * N + n[None, :]
-    pn_mask = (p < P)[:, None] & (n < N)[None, :]
-    dS = tl.load(ds_ptr + pn, mask=pn_mask, other=0.0)                  # (P, N) grad leaving
-    e_out = tl.exp(tl.minimum(total - cs, 0.0))
-    dx_state = tl.dot(Bm, tl.trans(dS).to(Bm.dtype)) * e_out[:, None]   # (Q, P)
-    u = tl.sum(xdt * dx_state, axis=1)                                  # <xdt_t, dxdt_state_t>
+    dS = _state_tile(ds_ptr, bh, k, p, n, H, P, N, nchunks)         # (BP, N) grad leaving
+    S = _state_tile(s_ptr, bh, k, p, n, H, P, N, nchunks)
+    sds = tl.sum(tl.sum(dS.to(tl.float32) * S.to(tl.float32), axis=1), axis=0)
+    e_out = tl.exp(tl.minimum(_last(cs, Q) - cs, 0.0))
+    dx_state = tl.dot(Bm, tl.trans(dS).to(Bm.dtype)) * e_out[:, None]   # (Q, BP)
+    u = tl.sum(xdt * dx_state, axis=1)
     decay = tl.where(q[:, None] >= q[None, :],
                      tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
-    M = (tl.dot(Cm, tl.trans(Bm)) * decay).to(x.dtype)                  # (Q, Q)
+    M = (tl.dot(Cm, tl.trans(Bm)) * decay).to(x.dtype)              # (Q, Q)
     dxdt = tl.dot(tl.trans(M), dy, dx_state)
-    tl.store(dx_ptr + rows[:, None] * P + p[None, :],
-             (dxdt * dt[:, None]).to(dx_ptr.dtype.element_ty), mask=tm[:, None] & (p < P)[None, :])
-    S = tl.load(s_ptr + pn, mask=pn_mask, other=0.0)                    # (P, N) entering
-    zq = tl.load(zr_ptr + rows, mask=tm, other=0.0) - tl.load(zc_ptr + rows, mask=tm, other=0.0)
+    tl.store(dx_ptr + rows[:, None] * P + p[None, :], (dxdt * dt[:, None]).to(
+        dx_ptr.dtype.element_ty), mask=tm[:, None] & (p < P)[None, :])
+    tl.store(u_ptr + 2 * pt * ustride + rows, u, mask=tm)
+    tl.store(u_ptr + (2 * pt + 1) * ustride + rows, tl.sum(x.to(tl.float32) * dxdt, axis=1),
+             mask=tm)
+    tl.store(sds_ptr + (pt * tl.num_programs(1) + bh) * nchunks + k, sds)
+
+
+@triton.jit
+def _bwd_dt_kernel(dt_ptr, dt_bias_ptr, A_ptr, z_ptr, u_ptr, sds_ptr, ddt_ptr, dA_ptr,
+                   L, H, nchunks, stride, Q: tl.constexpr, NT: tl.constexpr, PT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr):
+    """ddt and dA of one chunk of one (batch, head) from the other kernels' shares. The log-decays
+    cs get d(cs_t) = <dy_t, y_t> - <xdt_t, dxdt_t> (+ <dS, S_end> at the chunk's last token),
+    and dA_t is the reverse cumsum of that inside the chunk: summed here from terms that do not
+    cancel (the pairs inside the chunk and the state -> output term, z; the input -> state term,
+    u, as an exclusive cumsum; the incoming state's, sds)."""
+    k, bh = tl.program_id(0), tl.program_id(1)
+    bi, hi = bh // H, bh % H
+    t = k * Q + tl.arange(0, Q)
+    tm = t < L
+    rows = (bi * L + t).to(tl.int64) * H + hi
+    raw, dt, cs = _chunk_decay(dt_ptr, dt_bias_ptr, A_ptr, bi * L, hi, t, L, H, HAS_BIAS)
+    zq = tl.zeros((Q,), dtype=tl.float32)
+    for j in tl.static_range(NT):                                       # rows minus columns
+        zq += tl.load(z_ptr + j * stride + rows, mask=tm, other=0.0) \
+            - tl.load(z_ptr + (NT + j) * stride + rows, mask=tm, other=0.0)
+    u = tl.zeros((Q,), dtype=tl.float32)
+    xdx = tl.zeros((Q,), dtype=tl.float32)
+    sds = 0.0
+    for j in tl.static_range(PT):
+        u += tl.load(u_ptr + 2 * j * stride + rows, mask=tm, other=0.0)
+        xdx += tl.load(u_ptr + (2 * j + 1) * stride + rows, mask=tm, other=0.0)
+        sds += tl.load(sds_ptr + (j * tl.num_programs(1) + bh) * nchunks + k)
     ddA = tl.cumsum(zq, axis=0, reverse=True) + (tl.cumsum(u, axis=0) - u) \
-        + tl.exp(total) * tl.sum(tl.sum(dS * S, axis=1), axis=0)
-    A = tl.load(A_ptr + bh % H).to(tl.float32)
-    ddt = tl.sum(x.to(tl.float32) * dxdt, axis=1) + A * ddA
-    draw = ddt / (1.0 + tl.exp(-raw))                                   # softplus' = sigmoid
-    tl.store(ddt_ptr + rows, draw, mask=tm)
+        + tl.exp(_last(cs, Q)) * sds
+    ddt = xdx + tl.load(A_ptr + hi).to(tl.float32) * ddA
+    tl.store(ddt_ptr + rows, ddt / (1.0 + tl.exp(-raw)), mask=tm)       # softplus' = sigmoid
     tl.store(dA_ptr + bh * nchunks + k, tl.sum(tl.where(tm, dt * ddA, 0.0), axis=0))
 
 
@@ -372,12 +401,12 @@ def _bwd_dx_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_pt
 # Forward: chunks of 64 tokens (or chunk_size if smaller), p-tiles of 64, two programs per SM.
 FWD_CONFIG = dict(Q=64, BP=64, num_warps=4, num_stages=2, programs_per_sm=2)
 STATES_CONFIG = dict(BP=128, num_warps=8, num_stages=2)   # _chunk_states (backward, G = 1)
-BWD_CONFIG = dict(num_warps=8, num_stages=1)             # _bwd_bc/_dx_kernel (whole P, N)
+BWD_CONFIG = dict(BN=128, BP=128, num_warps=8, num_stages=1, low_states=True)
 PASS_BLOCK = 512                                          # state entries per _pass_kernel program
 SEGMENT_CHUNKS = None                                     # G; None: _pick_segment decides
-# Backward chunk by input element size: the backward kernel holds whole (Q, P), (Q, N), (P, N)
-# tiles; at P = N = 128 chunks of 256 need 256 KiB of shared memory in bf16 (an H100 or H200
-# has 227), chunks of 128 fit. fp32 would need twice that (and on CUDA takes _ssd_bwd_torch).
+# Backward chunk by input element size: the gradient kernels hold whole (Q, P) and (Q, Q) tiles
+# and a (P, BN) or (BP, N) state tile; at P = N = 128 in bf16 chunks of 128 fit the shared memory
+# (an H100 or H200 has 227 KiB; 256 would not), in fp32 (tf32 products) chunks of 64.
 BWD_CHUNK = {2: 128, 4: 64}
 
 
@@ -439,7 +468,8 @@ def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, chunk_size):
             Q=QS, BP=BP, BN=BN, REVERSE=False, HAS_BIAS=dt_bias is not None, TMA=views is not None,
             num_warps=warps, num_stages=stages)
         _pass_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
-            states, segdecay, initial_state if initial_state is not None else final, final,
+            states, states, segdecay,
+            initial_state if initial_state is not None else final, final,
             h, p * n, nseg, nseg - 1, BLOCK=PASS_BLOCK, REVERSE=False,
             HAS_INIT=initial_state is not None, STORE_FINAL=False)
     views = _tma_views((x, B, C, y), ((Q, BP), (Q, BN), (Q, BN), (Q, BP)))
@@ -451,10 +481,11 @@ def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, chunk_size):
     return y, final
 
 
-def _chunk_states(u, v, dt, A, dt_bias, init, Q, reverse):
+def _chunk_states(u, v, dt, A, dt_bias, init, Q, reverse, dtype=torch.float32):
     """Per-chunk states (G = 1): the state entering each chunk (forward, u = x, v = B) or the
-    state gradient leaving each chunk (reverse, u = dy, v = C, init = dfinal). Also returns
-    what the pass leaves at its far end: the final state, or the initial state's gradient."""
+    state gradient leaving each chunk (reverse, u = dy, v = C, init = dfinal), summed in fp32,
+    returned in dtype. Also returns what the pass leaves at its far end (fp32): the final
+    state, or the initial state's gradient."""
     b, l, h, p = u.shape
     n = v.shape[-1]
     BP, BN = min(STATES_CONFIG["BP"], _pow2(p)), _pow2(n)
@@ -467,46 +498,40 @@ def _chunk_states(u, v, dt, A, dt_bias, init, Q, reverse):
         u, v, dt, bias, A, states, segdecay, l, h, p, n, c, 1, Q=Q, BP=BP, BN=BN,
         REVERSE=reverse, HAS_BIAS=dt_bias is not None, TMA=False,
         num_warps=STATES_CONFIG["num_warps"], num_stages=STATES_CONFIG["num_stages"])
+    out = torch.empty_like(states, dtype=dtype)                         # never in place: the
+    # contributions are read one segment ahead of the stores
     _pass_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
-        states, segdecay, init if init is not None else end, end, h, p * n, c, c,
+        states, out, segdecay, init if init is not None else end, end, h, p * n, c, c,
         BLOCK=PASS_BLOCK, REVERSE=reverse, HAS_INIT=init is not None, STORE_FINAL=True)
-    return states, end
+    return out, end
 
 
 def _ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, dt_bias, initial_state, Q):
     b, l, h, p = x.shape
     n = B.shape[-1]
     c = triton.cdiv(l, Q)
-    S, _ = _chunk_states(x, B, dt, A, dt_bias, initial_state, Q, reverse=False)
-    dS, dinit = _chunk_states(dy, C, dt, A, dt_bias, dfinal, Q, reverse=True)
+    low = x.dtype if BWD_CONFIG["low_states"] else torch.float32
+    S, _ = _chunk_states(x, B, dt, A, dt_bias, initial_state, Q, False, low)
+    dS, dinit = _chunk_states(dy, C, dt, A, dt_bias, dfinal, Q, True, low)
     dx, dB, dC = torch.empty_like(x), torch.empty_like(B), torch.empty_like(C)
     ddt = torch.empty(b, l, h, device=x.device, dtype=torch.float32)
     dA = torch.empty(b, h, c, device=x.device, dtype=torch.float32)
-    z = torch.empty(2, b, l, h, device=x.device, dtype=torch.float32)  # pairs: rows, columns
-    bias = dt_bias if dt_bias is not None else A
-    shapes = dict(Q=Q, BP=_pow2(p), BN=_pow2(n), HAS_BIAS=dt_bias is not None, **BWD_CONFIG)
-    _bwd_bc_kernel[(c, b * h, 2)](x, dt, bias, A, B, C, dy, S, dS, dB, dC, *z, l, h, p, n, c,
-                                  **shapes)
-    _bwd_dx_kernel[(c, b * h)](x, dt, bias, A, B, C, dy, S, dS, *z, dx, ddt, dA, l, h, p, n, c,
-                               **shapes)
+    BN, BP = min(BWD_CONFIG["BN"], _pow2(n)), min(BWD_CONFIG["BP"], _pow2(p))
+    NT, PT = triton.cdiv(n, BN), triton.cdiv(p, BP)
+    z = torch.empty(2 * NT, b, l, h, device=x.device, dtype=torch.float32)  # rows, columns
+    u = torch.empty(2 * PT, b, l, h, device=x.device, dtype=torch.float32)  # per p-tile
+    sds = torch.empty(PT, b * h, c, device=x.device, dtype=torch.float32)
+    bias, has_bias = dt_bias if dt_bias is not None else A, dt_bias is not None
+    warps = dict(num_warps=BWD_CONFIG["num_warps"], num_stages=BWD_CONFIG["num_stages"])
+    _bwd_bc_kernel[(c, b * h, 2 * NT)](
+        x, dt, bias, A, B, C, dy, S, dS, dB, dC, z, l, h, p, n, c, b * l * h,
+        Q=Q, BP=_pow2(p), BN=BN, NT=NT, HAS_BIAS=has_bias, **warps)
+    _bwd_dx_kernel[(c, b * h, PT)](
+        x, dt, bias, A, B, C, dy, S, dS, dx, u, sds, l, h, p, n, c, b * l * h,
+        Q=Q, BP=BP, BN=_pow2(n), HAS_BIAS=has_bias, **warps)
+    _bwd_dt_kernel[(c, b * h)](dt, bias, A, z, u, sds, ddt, dA, l, h, c, b * l * h,
+                               Q=Q, NT=NT, PT=PT, HAS_BIAS=has_bias)
     return dx, ddt, dA.sum((0, 2)), dB, dC, ddt.sum((0, 1)), dinit
-
-
-def _ssd_bwd_torch(ctx, dy, dfinal):
-    """fp32 inputs on the GPU: the gradient kernels hold whole (P, N) fp32 matrices as tensor-core
-    operands, 480 KiB of shared memory at P = N = 128 (an H100 has 227). Until the kernel is
-    tiled over N for fp32, those gradients come from autograd through ssd_chunked (recomputed).
-    The CPU interpreter tests still check the Triton backward in fp32 at small sizes."""
-    saved = ctx.saved_tensors
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() if t is not None else None for t in saved]
-        y, final = ssd_chunked(*leaves[:5], leaves[5], leaves[6], ctx.chunk_size)
-        outs = [(y, dy), (final, dfinal)]
-        outs = [(o, g) for o, g in outs if g is not None]
-        need = [t for t in leaves if t is not None]
-        grads = iter(torch.autograd.grad([o for o, _ in outs], need, [g for _, g in outs],
-                                         allow_unused=True))
-    return tuple(next(grads) if t is not None else None for t in leaves) + (None,)
 
 
 class _SSDTriton(torch.autograd.Function):
@@ -525,8 +550,6 @@ class _SSDTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dfinal):
         x, dt, A, B, C, dt_bias, initial_state = ctx.saved_tensors
-        if x.dtype == torch.float32 and x.is_cuda:
-            return _ssd_bwd_torch(ctx, dy, dfinal)
         dy = torch.zeros_like(x) if dy is None else dy.contiguous()
         init = initial_state.float().contiguous() if initial_state is not None else None
         dfinal = dfinal.float().contiguous() if dfinal is not None else None
@@ -884,6 +907,7 @@ def probe():
             ssd(**ins, backend="simple")
     torch.cuda.synchronize()
     kernels = (_state_kernel, _pass_kernel, _scan_kernel, _bwd_bc_kernel, _bwd_dx_kernel,
+               _bwd_dt_kernel,
                scan_kernel._simple_scan_kernel)
     for fn in kernels:
         for caches in fn.device_caches.values():

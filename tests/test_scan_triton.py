@@ -39,26 +39,39 @@ def draw(b, l, h, p, n, strong=False, init=False, dtype=torch.float32, device="c
                 if v is not None else None) for k, v in ins.items()}
 
 
-def rel(a, ref):
-    """||a - ref|| / ||ref||; the absolute norm where ref is exactly 0 (dA at one token)."""
+def rel(a, ref, size=None):
+    """||a - ref|| / ||size|| (size = ref unless given); the absolute norm where that is
+    exactly 0 (dA at one token)."""
     d = (a.double() - ref.double()).norm().item()
-    r = ref.double().norm().item()
+    r = (ref if size is None else size).double().norm().item()
     assert d == d, "NaN in the Triton result"
     return d / r if r > 0 else d
 
 
 def fwd_bwd(ins, ref_fn, chunk, backend="triton"):
-    """Triton outputs and gradients vs float64 ones of ref_fn, for random output weights."""
+    """Triton outputs and gradients vs float64 ones of ref_fn, for random output weights.
+    dA and ddt_bias sum a per-token gradient over the sequence, a sum that can cancel (under
+    strong decay, nearly to zero): their errors are relative to the sum of the terms' sizes,
+    the scale fp32 rounding works at (dA's terms where ref_fn takes A per token)."""
     leaves = {k: v.clone().requires_grad_() for k, v in ins.items() if v is not None}
     y, f = sk.ssd(**{k: leaves.get(k) for k in NAMES}, chunk_size=chunk, backend=backend)
     refs = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    per_token = ref_fn is not sk.ssd_recurrent          # its steps take one A per head
+    if per_token:
+        refs["A"] = refs["A"].detach().expand(ins["dt"].shape).clone().requires_grad_()
     yr, fr = ref_fn(**{k: refs.get(k) for k in NAMES})
-    gy, gf = torch.randn_like(yr), torch.randn_like(fr)
+    gen = torch.Generator().manual_seed(yr.numel())   # the same output weights on every run
+    gy, gf = (torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for t in (yr, fr))
     g = torch.autograd.grad((y.double() * gy).sum() + (f.double() * gf).sum(),
                             list(leaves.values()))
-    gr = torch.autograd.grad((yr * gy).sum() + (fr * gf).sum(), list(refs.values()))
+    gr = dict(zip(refs, torch.autograd.grad((yr * gy).sum() + (fr * gf).sum(),
+                                            list(refs.values()))))
+    sizes = {"dt_bias": gr["dt"].abs().sum((0, 1))}
+    if per_token:
+        sizes["A"], gr["A"] = gr["A"].abs().sum((0, 1)), gr["A"].sum((0, 1))
     err = {"y": rel(y, yr), "final_state": rel(f, fr)}
-    err.update({"d" + k: rel(a, b) for k, a, b in zip(leaves, g, gr)})
+    for k, a in zip(leaves, g):
+        err["d" + k] = rel(a, gr[k], sizes.get(k))
     return err
 
 
@@ -138,6 +151,17 @@ def test_fast_pointer_path_matches_float64(case, monkeypatch):
     err = fwd_bwd(draw(2, 53, 2, p, 16, init=True), sk.ssd_quadratic, chunk=Q)
     assert used and all(v is None for v in used), "the pointer path was not taken"
     assert_close(err, 1e-5, f"fast kernels (pointer path, {case})")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("low_states", [True, False])
+def test_fast_backward_tiles_smaller_than_the_head(low_states, monkeypatch):
+    # the backward can tile N (dB, dC) and P (dx), summing the log-decays' shares over the
+    # tiles: three tiles each way here, the last of N's with 4 of its 8 columns past the end
+    cfg = dict(BN=8, BP=8, low_states=low_states)
+    monkeypatch.setattr(sf, "BWD_CONFIG", dict(sf.BWD_CONFIG, **cfg))
+    ins = draw(2, 3 * Q + 3, 2, 24, 20, init=True)
+    assert_close(fwd_bwd(ins, sk.ssd_quadratic, chunk=Q), 1e-5, "fast, tiles of 8")
 
 
 @needs_interpreter
