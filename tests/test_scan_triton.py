@@ -52,11 +52,11 @@ def fwd_bwd(ins, ref_fn, chunk, backend="triton"):
     """Triton outputs and gradients vs float64 ones of ref_fn, for random output weights.
     dA and ddt_bias sum a per-token gradient over the sequence, a sum that can cancel (under
     strong decay, nearly to zero): their errors are relative to the sum of the terms' sizes,
-    the scale fp32 rounding works at (dA's terms where ref_fn takes A per token)."""
+    the scale fp32 rounding works at (dA's terms where ref_fn is ssd_quadratic)."""
     leaves = {k: v.clone().requires_grad_() for k, v in ins.items() if v is not None}
     y, f = sk.ssd(**{k: leaves.get(k) for k in NAMES}, chunk_size=chunk, backend=backend)
     refs = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
-    per_token = ref_fn is not sk.ssd_recurrent          # its steps take one A per head
+    per_token = ref_fn is sk.ssd_quadratic              # the others take one A per head
     if per_token:
         refs["A"] = refs["A"].detach().expand(ins["dt"].shape).clone().requires_grad_()
     yr, fr = ref_fn(**{k: refs.get(k) for k in NAMES})

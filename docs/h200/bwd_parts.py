@@ -1,14 +1,15 @@
 """Where the fast scan's backward spends its time on a GPU, kernel by kernel, at the mmMamba
 shape (16 heads, P = N = 128, bf16, dt raw with dt_bias), and the same with other launch
 settings. Whole calls: medians of triton.testing.do_bench, ms; kernels: the mean time of each
-Triton kernel over 20 backward calls under torch.profiler. Raw output: docs/h200/bwd_parts*.log.
+Triton kernel over 20 backward calls under torch.profiler. Then the Triton backward on fp32
+inputs against float64. Raw output of this and earlier versions: docs/h200/bwd_parts*.log
+(docs/kernel_log.md says which version wrote which).
 
     python docs/h200/bwd_parts.py
 
 Per shape: the forward and the whole backward, then each backward kernel (_state_kernel and
 _pass_kernel twice: forward states and state gradients; the gradient kernels). Then the backward
-at 8 x 2048 and 4 x 8192 with other chunks, tiles, warps, stages, programs and state dtypes
-(scan_fast.BWD_CONFIG)."""
+at 8 x 2048 and 4 x 8192 with other chunks, tiles, warps and state dtypes (scan_fast.BWD_CONFIG)."""
 import collections
 import os
 import sys
@@ -50,14 +51,8 @@ for b, l in ((16, 1024), (8, 2048), (4, 8192), (1, 65536)):
     r = parts(b, l)
     print(f"{b}x{l}", "  ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
 keep = dict(sf.BWD_CONFIG)
-SWEEP = ([dict(Q=128, num_warps=8, BN=128, BP=128, chunks_per_program=c, num_stages=st)
-          for c in (1, 2, 4) for st in (1, 2)]
-         + [dict(Q=64, num_warps=4, BN=128, BP=128, chunks_per_program=c, num_stages=st)
-            for c in (1, 2, 4) for st in (1, 2, 3)]
-         + [dict(Q=64, num_warps=4, BN=64, BP=128, chunks_per_program=c, num_stages=2)
-            for c in (1, 2, 4)]
-         + [dict(Q=128, num_warps=8, BN=64, BP=64, chunks_per_program=c, num_stages=2)
-            for c in (2, 4)]
+SWEEP = ([dict(Q=q, num_warps=w, BN=bn, BP=bp) for q, w in ((128, 8), (64, 4))
+          for bn, bp in ((128, 128), (64, 128), (128, 64), (64, 64))]
          + [dict(Q=128, num_warps=8, BN=128, BP=128, low_states=False)])
 for shape in ((8, 2048), (4, 8192)):
     for cfg in map(dict, SWEEP):
@@ -75,8 +70,8 @@ sf.BWD_CONFIG = keep
 
 
 def fp32_errors(Q, **cfg):
-    """The Triton backward on fp32 inputs (scan_fast sends those to PyTorch on a GPU: the whole
-    tiles did not fit shared memory) against float64 autograd through ssd_chunked."""
+    """The Triton backward on fp32 inputs (tf32 products; before v7 they went to PyTorch: the
+    whole tiles did not fit shared memory) against float64 autograd through ssd_chunked."""
     sf.BWD_CONFIG = dict(keep, **cfg)
     ins = sf._random_inputs(2, 1024 + 77, H, P, N, torch.float32, "cuda")
     dy = torch.randn_like(ins["x"])
