@@ -63,16 +63,18 @@ from util import ArgumentParser, InputError, run_cli
 # over (b, l, h*P) views (one bulk copy per tile; rows past the end read as zeros, are not
 # written back): ~10% faster.
 #
-# The backward (chunk-parallel, one program per (chunk, batch*head)) needs the state entering
-# every chunk and the gradient of the state leaving it: _state_kernel + _pass_kernel with G = 1
-# give both (the second run goes backwards in time with dy and C in place of x and B).
-# Then two kernels form every gradient of one chunk from those two (P, N) matrices:
-#   _bwd_bc_kernel one program per (chunk, batch*head, side): dC (side 0) or dB (side 1), each
-#                  from W = dy xdt^T (decayed) and one state; and the pairs' share of dA
-#   _bwd_dx_kernel one program per (chunk, batch*head): dx from M = C B^T (decayed) and dS,
-#                  then ddt and dA, adding _bwd_bc_kernel's shares
-# Split three ways (docs/kernel_log.md, v6), no program holds more than one (Q, Q) matrix, one
-# state and one (Q, N) or (Q, P) result: the single kernel before held all of them and spilled.
+# The backward (chunk-parallel) needs the state entering every chunk and the gradient of the
+# state leaving it: _state_kernel + _pass_kernel with G = 1 give both (the second run goes
+# backwards in time with dy and C in place of x and B), the pass writing them in the inputs'
+# dtype (they enter bf16 products; the sums stay fp32). Then three kernels (docs/kernel_log.md,
+# v6 and v7) form every gradient of one chunk:
+#   _bwd_bc_kernel one program per (chunk, batch*head, result tile): a tile of dC or of dB, from
+#                  W = dy xdt^T (decayed) and one state; and the pairs' share of dA
+#   _bwd_dx_kernel one program per (chunk, batch*head, p-tile): dx from M = C B^T (decayed) and
+#                  dS; its tile's shares of dA
+#   _bwd_dt_kernel one program per (chunk, batch*head): sums the shares into ddt and dA
+# No program holds more than one (Q, Q) matrix, one state and one result: the single kernel of
+# v5 held all of them and spilled (the backward is 37% faster split).
 
 
 @triton.jit
