@@ -39,7 +39,7 @@ import evaluate
 import hf
 from mmmamba import PAD_ID, PRESETS, Model
 from seed import INITS, hybrid_layout, make_hybrid, parse_layers, seed_student
-from session import CtrlC, Stopped, open_run
+from session import CtrlC, Stopped, length_groups, open_run
 from util import (ArgumentParser, InputError, checkpoint_of, load_checkpoint, model_from_checkpoint,
                   run_cli, tokenizer_from_checkpoint)
 
@@ -246,10 +246,13 @@ def train_stage(run, stage, kind, model, teacher=None):
             for group in opt.param_groups:
                 group["lr"] = wsd_lr(step, steps, lr)
             idx = torch.randint(len(run.train), (batch,), generator=batches).tolist()
-            tokens, targets, images = data.make_batch(
-                [run.train[i] for i in idx[run.rank::run.world]], run.chat, model.cfg, run.device)
-            with run.autocast:
-                total, count = loss_of(teacher, tokens, targets, images)
+            drawn = data.make_batch([run.train[i] for i in idx[run.rank::run.world]], run.chat,
+                                    model.cfg, run.device)
+            total = count = 0       # by length, two groups: less padding, the same gradient; DDP
+            for group in [drawn] if run.world > 1 else length_groups(drawn):  # runs one pass
+                with run.autocast:
+                    t, c = loss_of(teacher, *group)
+                total, count = total + t, count + c
             count = run.all_sum(count.float())                     # over the whole global batch
             # DDP averages the N processes' gradients; times N makes that their sum, the
             # gradient of sum / count over the global batch, as one process computes it

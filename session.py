@@ -141,3 +141,23 @@ class CtrlC:
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
 
+
+
+def length_groups(batch):
+    """A make_batch (tokens, targets, images) batch as one or two batches: the rows up to a
+    length s and the rest, each cut to its own longest row (a row ends with its answer, its
+    last scored position; make_batch pads after it), s chosen for the fewest positions. The
+    rows and their tokens are the batch's, so the groups' (sum, count) losses add up to the
+    batch's, gradient included: a short question no longer pads to a caption's length (on the
+    CPU a tiny-preset teacher step ~20% faster, docs/cpu_study/step_groups.py)."""
+    tokens, targets, images = batch
+    at = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
+    n = torch.where(targets != -1, at, 0).amax(1)                        # each row's length
+    cost = lambda s: int((n <= s).sum()) * s + int((n > s).sum()) * int(n.max())  # noqa: E731
+    s = min(sorted(set(n.tolist())), key=cost)
+    groups = []
+    for rows in (n <= s, n > s):
+        if rows.any():
+            m = int(n[rows].max())
+            groups.append((tokens[rows, :m], targets[rows, :m], images[rows]))
+    return groups

@@ -481,14 +481,17 @@ def test_sigkill_mid_save_then_resume(tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_the_stage(tmp_path, monkeypatch):
-    calls = {"n": 0}
-    answer_ce = distill.answer_ce
+    steps, answer_ce, groups = {"n": 0}, distill.answer_ce, distill.length_groups
+
+    def counted(batch):                             # once a step (a step may take two groups)
+        steps["n"] += 1
+        return groups(batch)
 
     def explodes_at_step_5(*a):
-        calls["n"] += 1
         total, count = answer_ce(*a)
-        return (total * float("nan") if calls["n"] == 6 else total), count
+        return (total * float("nan") if steps["n"] == 6 else total), count
 
+    monkeypatch.setattr(distill, "length_groups", counted)
     monkeypatch.setattr(distill, "answer_ce", explodes_at_step_5)
     with pytest.raises(InputError, match=r"loss is nan at step 5; stopped.*\(step 4\)"):
         distill.main(FAST + ["--stage", "0", "--steps0", "8", "--save-every", "2",

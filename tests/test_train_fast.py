@@ -15,6 +15,7 @@ import mmmamba
 import train_fast
 from mmmamba import PAD_ID, Model
 from seed import seed_student
+from session import length_groups
 from test_pipeline import FAST, MICRO, STEPS
 from util import load_checkpoint
 
@@ -108,6 +109,37 @@ def test_stage_loss_is_distills(world, stage):
     assert abs(t_got.item() - t_want.item()) <= 1e-5 * abs(t_want.item())
     assert max(rel(a, b) for a, b in zip(g_got, g_want) if b.norm() > 0) < 1e-4
 
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_length_groups_are_the_batch(world, stage):
+    """session.length_groups (the plain loop's batches, one process): the batch's rows, cut to
+    each group's longest row, whose (sum, count) losses and gradients add up to the batch's
+    (float64 models; the losses take fp32 inside: equal to its rounding)."""
+    train, tok, teacher, student = world
+    examples = [e for e in train if "Describe" in e["question"]][:2] + train[:9]
+    batch = data.make_batch(examples, tok, MICRO)
+    groups = length_groups(batch)
+    assert len(groups) == 2 and sum(len(g[0]) for g in groups) == len(examples)
+    def rows(tokens, targets):                              # each row up to its last answer token
+        return [r[:int((t != -1).nonzero().max()) + 1].tolist() for r, t in zip(tokens, targets)]
+    assert sorted(r for g in groups for r in rows(*g[:2])) == sorted(rows(*batch[:2]))
+    assert all((g[1][:, -1] != -1).any() for g in groups)   # each cut at its longest row
+    assert sum(g[0].numel() for g in groups) < batch[0].numel()
+    t64, s64 = teacher.double(), (student if stage else Model(MICRO)).double()
+    try:
+        distill.freeze_for(s64, stage)
+        loss = distill.StageLoss(stage, s64)
+        params = [p for p in s64.parameters() if p.requires_grad]
+        dbl = lambda b: (b[0], b[1], b[2].double())                            # noqa: E731
+        total, count = loss(t64, *dbl(batch))
+        parts = [loss(t64, *dbl(g)) for g in groups]
+        g_want = torch.autograd.grad(total / count, params)
+        g_got = torch.autograd.grad(sum(t for t, _ in parts) / sum(c for _, c in parts), params)
+        assert sum(c for _, c in parts).item() == count.item()
+        assert abs(sum(t for t, _ in parts).item() - total.item()) <= 1e-6 * abs(total.item())
+        assert max(rel(a, b) for a, b in zip(g_got, g_want) if b.norm() > 0) < 1e-5
+    finally:
+        teacher.float(), s64.float()
 
 class HostReads(TorchDispatchMode):
     """Records the ops whose result the host must read before going on (an output shape set by
