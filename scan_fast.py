@@ -500,8 +500,7 @@ def _chunk_states(u, v, dt, A, dt_bias, init, Q, reverse, dtype=torch.float32):
         u, v, dt, bias, A, states, segdecay, l, h, p, n, c, 1, Q=Q, BP=BP, BN=BN,
         REVERSE=reverse, HAS_BIAS=dt_bias is not None, TMA=False,
         num_warps=STATES_CONFIG["num_warps"], num_stages=STATES_CONFIG["num_stages"])
-    out = torch.empty_like(states, dtype=dtype)                         # never in place: the
-    # contributions are read one segment ahead of the stores
+    out = states if dtype == states.dtype else torch.empty_like(states, dtype=dtype)
     _pass_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
         states, out, segdecay, init if init is not None else end, end, h, p * n, c, c,
         BLOCK=PASS_BLOCK, REVERSE=reverse, HAS_INIT=init is not None, STORE_FINAL=True)

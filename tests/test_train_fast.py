@@ -120,6 +120,7 @@ def test_length_groups_are_the_batch(world, stage):
     batch = data.make_batch(examples, tok, MICRO)
     groups = length_groups(batch)
     assert len(groups) == 2 and sum(len(g[0]) for g in groups) == len(examples)
+
     def rows(tokens, targets):                              # each row up to its last answer token
         return [r[:int((t != -1).nonzero().max()) + 1].tolist() for r, t in zip(tokens, targets)]
     assert sorted(r for g in groups for r in rows(*g[:2])) == sorted(rows(*batch[:2]))
@@ -140,6 +141,7 @@ def test_length_groups_are_the_batch(world, stage):
         assert max(rel(a, b) for a, b in zip(g_got, g_want) if b.norm() > 0) < 1e-5
     finally:
         teacher.float(), s64.float()
+
 
 class HostReads(TorchDispatchMode):
     """Records the ops whose result the host must read before going on (an output shape set by
