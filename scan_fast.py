@@ -64,10 +64,11 @@ from util import ArgumentParser, InputError, run_cli
 # written back): ~10% faster.
 #
 # The backward (chunk-parallel) needs the state entering every chunk and the gradient of the
-# state leaving it: _state_kernel + _pass_kernel with G = 1 give both (the second run goes
-# backwards in time with dy and C in place of x and B), the pass writing them in the inputs'
-# dtype (they enter bf16 products; the sums stay fp32). Then three kernels (docs/kernel_log.md,
-# v6 and v7) form every gradient of one chunk:
+# state leaving it, in the inputs' dtype (they enter bf16 products; the sums stay fp32). The
+# forward stores the first as it passes (sb_ptr); _states_kernel computes the second, one program
+# per (segment, batch*head, tile of the state) walking the chunks backwards in time with dy and
+# C in place of x and B (segments, as the forward's, only where the programs would be too few;
+# v8). Then three kernels (docs/kernel_log.md, v6 and v7) form every gradient of one chunk:
 #   _bwd_bc_kernel one program per (chunk, batch*head, result tile): a tile of dC or of dB, from
 #                  W = dy xdt^T (decayed) and one state; and the pairs' share of dA
 #   _bwd_dx_kernel one program per (chunk, batch*head, p-tile): dx from M = C B^T (decayed) and
@@ -108,9 +109,10 @@ def _state_kernel(u_ptr, v_ptr, dt_ptr, dt_bias_ptr, A_ptr, s_ptr, seg_ptr,
     Reverse (u = dy, v = C): dS = sum_t exp(cs_t) dy_t C_t^T, chunks from the last: the
     gradient, w.r.t. the state entering the segment, of the outputs inside it.
     Both are one (BP, Q) @ (Q, N) tensor-core product per chunk. Also writes the segment's
-    total log-decay (sum of dt*A) for _pass_kernel. TMA: u_ptr, v_ptr are tensor descriptors
-    over (b, l, h*P) and (b, l, h*N) (see _tma_views), else plain pointers."""
-    g, bh, pt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    total log-decay (sum of dt*A) for _pass_kernel. Run for every segment but the one at the
+    far end (nothing reads what it adds): the last forward, the first in reverse. TMA: u_ptr,
+    v_ptr are tensor descriptors over (b, l, h*P) and (b, l, h*N) (see _tma_views)."""
+    g, bh, pt = tl.program_id(0) + REVERSE, tl.program_id(1), tl.program_id(2)
     bi, hi = bh // H, bh % H
     q = tl.arange(0, Q)
     p = pt * BP + tl.arange(0, BP)
@@ -118,10 +120,7 @@ def _state_kernel(u_ptr, v_ptr, dt_ptr, dt_bias_ptr, A_ptr, s_ptr, seg_ptr,
     acc = tl.zeros((BN, BP), dtype=tl.float32)                         # S^T: see _scan_kernel
     logdecay = 0.0
     for i in range(G):
-        if REVERSE:
-            k = g * G + G - 1 - i
-        else:
-            k = g * G + i
+        k = g * G + (G - 1 - i if REVERSE else i)
         t = k * Q + q
         _, dt, cs = _chunk_decay(dt_ptr, dt_bias_ptr, A_ptr, bi * L, hi, t, L, H, HAS_BIAS)
         total = _last(cs, Q)
@@ -149,16 +148,13 @@ def _state_kernel(u_ptr, v_ptr, dt_ptr, dt_bias_ptr, A_ptr, s_ptr, seg_ptr,
 
 
 @triton.jit
-def _pass_kernel(s_ptr, o_ptr, seg_ptr, init_ptr, final_ptr, H, PN, nseg, nsteps,
-                 BLOCK: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr,
-                 STORE_FINAL: tl.constexpr):
-    """State passing over segments: s_ptr holds (b, nseg, h, P*N) per-segment contributions,
-    o_ptr (s_ptr itself, or a copy in the inputs' dtype) gets the state entering each segment
-    (for REVERSE: the state
-    gradient at each segment's end). Sequential over segments, elementwise, so a program owns a
-    flat BLOCK of the P*N entries: many programs, each a short chain of load-fma-store.
-    The first nsteps segments have a contribution: all nseg in the backward (STORE_FINAL), all
-    but the last in the forward (the scan kernel writes the final state itself)."""
+def _pass_kernel(s_ptr, seg_ptr, init_ptr, H, PN, nseg,
+                 BLOCK: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr):
+    """State passing over segments, in place: s_ptr holds (b, nseg, h, P*N) per-segment
+    contributions (all but the far end's, see _state_kernel) and gets the state entering each
+    segment (REVERSE: the state gradient at each segment's end). Sequential over segments,
+    elementwise, so a program owns a flat BLOCK of the P*N entries: many programs, each a short
+    chain of load-fma-store."""
     bh, blk = tl.program_id(0), tl.program_id(1)
     bi, hi = bh // H, bh % H
     e = blk * BLOCK + tl.arange(0, BLOCK)
@@ -171,25 +167,71 @@ def _pass_kernel(s_ptr, o_ptr, seg_ptr, init_ptr, final_ptr, H, PN, nseg, nsteps
     g = nseg - 1 if REVERSE else 0
     base = (bi * nseg * H + hi).to(tl.int64) * PN + e                  # segment 0 of this (b, h)
     contrib = tl.load(s_ptr + base + g * H * PN, mask=ok, other=0.0)
-    for i in range(nsteps):
+    for i in range(nseg - 1):
         # load the next segment's contribution before this one's store: one load in flight
         # while the chain load -> fma -> store runs (the chain itself cannot be parallel)
-        nxt = tl.load(s_ptr + base + (g + step) * H * PN, mask=ok & (e * 0 + i + 1 < nsteps),
+        nxt = tl.load(s_ptr + base + (g + step) * H * PN, mask=ok & (e * 0 + i + 2 < nseg),
                       other=0.0)
         decay = tl.exp(tl.load(seg_ptr + bh * nseg + g))
-        tl.store(o_ptr + base + g * H * PN, s.to(o_ptr.dtype.element_ty), mask=ok)
+        tl.store(s_ptr + base + g * H * PN, s, mask=ok)
         s = decay * s + contrib
         contrib = nxt
         g += step
-    if STORE_FINAL:
-        tl.store(final_ptr + bh.to(tl.int64) * PN + e, s, mask=ok)
-    else:                                                               # entering the last segment
-        tl.store(o_ptr + base + g * H * PN, s, mask=ok)
+    tl.store(s_ptr + base + g * H * PN, s, mask=ok)                    # the far end's
+
+
+@triton.jit
+def _states_kernel(u_ptr, v_ptr, dt_ptr, dt_bias_ptr, A_ptr, init_ptr, o_ptr, end_ptr,
+                   L, H, P, N, nchunks, nseg, G,
+                   Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, REVERSE: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr):
+    """The backward's per-chunk states for a (BP, BN) tile, over one segment of G chunks: the
+    state entering each chunk (u = x, v = B) or, REVERSE, the state gradient leaving each
+    chunk (u = dy, v = C, from the segment's last chunk). init_ptr, (b, nseg, h, P, N): what
+    enters the segment (the initial state or dfinal where nseg = 1, else _pass_kernel's). Per
+    chunk: store the running state (in o_ptr's dtype), then decay it over the chunk and add
+    the chunk's own part, one (BN, Q) @ (Q, BP) product as in _state_kernel. end_ptr gets
+    what is left at the far end (fp32). The chunks' parts never go through memory (fp32, twice
+    the bytes of x): segments only where b*h*tiles programs would leave the GPU idle."""
+    g, bh, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pt, nt = tile // tl.cdiv(N, BN), tile % tl.cdiv(N, BN)
+    bi, hi = bh // H, bh % H
+    q = tl.arange(0, Q)
+    p = pt * BP + tl.arange(0, BP)
+    n = nt * BN + tl.arange(0, BN)
+    np_mask = (n < N)[:, None] & (p < P)[None, :]
+    off = p[None, :] * N + n[:, None]                                   # S^T, (BN, BP)
+    if HAS_INIT:
+        s = tl.load(init_ptr + ((bi * nseg + g) * H + hi).to(tl.int64) * P * N + off,
+                    mask=np_mask, other=0.0)
+    else:
+        s = tl.zeros((BN, BP), dtype=tl.float32)
+    for i in range(G):
+        k = g * G + (G - 1 - i if REVERSE else i)                       # past the end: t >= L,
+        t = k * Q + q                                                   # no input, decay 1
+        _, dt, cs = _chunk_decay(dt_ptr, dt_bias_ptr, A_ptr, bi * L, hi, t, L, H, HAS_BIAS)
+        total = _last(cs, Q)
+        rows = (bi * L + t).to(tl.int64) * H + hi
+        u = tl.load(u_ptr + rows[:, None] * P + p[None, :],
+                    mask=(t < L)[:, None] & (p < P)[None, :], other=0.0)   # (Q, BP)
+        v = tl.load(v_ptr + rows[:, None] * N + n[None, :],
+                    mask=(t < L)[:, None] & (n < N)[None, :], other=0.0)   # (Q, BN)
+        if k < nchunks:
+            st = ((bi * nchunks + k) * H + hi).to(tl.int64) * P * N
+            tl.store(o_ptr + st + off, s.to(o_ptr.dtype.element_ty), mask=np_mask)
+        if REVERSE:
+            w = tl.exp(tl.minimum(cs, 0.0))                             # decay start -> t
+        else:
+            w = dt * tl.exp(tl.minimum(total - cs, 0.0))                # dt * decay t -> end
+        uw = (u.to(tl.float32) * w[:, None]).to(v.dtype)
+        s = s * tl.exp(total) + tl.dot(tl.trans(v), uw)
+    if g == (0 if REVERSE else nseg - 1):
+        tl.store(end_ptr + bh.to(tl.int64) * P * N + off, s, mask=np_mask)
 
 
 @triton.jit
 def _scan_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, y_ptr, s_ptr, final_ptr,
-                 L, H, P, N, nseg, G,
+                 sb_ptr, L, H, P, N, nseg, G, R, nb,
                  Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, TMA: tl.constexpr):
     """The forward outputs of one segment for a (Q, BP) slice of y per chunk, starting from the
@@ -202,7 +244,11 @@ def _scan_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, y_ptr, s_ptr, 
     one warpgroup holds the (N, BP) fp32 state (64 registers a thread), y and the (Q, Q) scores
     (32 each) and two programs fit an SM. C B^T is recomputed for each of the P / BP p-tiles:
     (Q, Q, N) is the smallest of the four products, cheaper than a second pass over C and B.
-    TMA: x_ptr, B_ptr, C_ptr, y_ptr are tensor descriptors (see _tma_views)."""
+    TMA: x_ptr, B_ptr, C_ptr, y_ptr are tensor descriptors (see _tma_views).
+    Also stores the state entering every R-th chunk to sb_ptr, (b, nb, h, P, N) in its dtype:
+    the states the backward's chunks of R * Q tokens start from, which it would otherwise
+    recompute (nb = 0: none. A runtime test, not a constexpr: one compiled kernel serves the
+    forward with and without grad, and a fresh process's first step compiles it once)."""
     g, bh, pt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bi, hi = bh // H, bh % H
     q = tl.arange(0, Q)
@@ -220,6 +266,10 @@ def _scan_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, y_ptr, s_ptr, 
         t0 = (g * G + i) * Q
         t = t0 + q
         tm = t < L
+        if (g * G + i) % R == 0 and (g * G + i) // R < nb:
+            sb = ((bi * nb + (g * G + i) // R) * H + hi).to(tl.int64) * P
+            tl.store(sb_ptr + (sb + p)[None, :] * N + n[:, None],
+                     ST.to(sb_ptr.dtype.element_ty), mask=np_mask)
         _, dt, cs = _chunk_decay(dt_ptr, dt_bias_ptr, A_ptr, bi * L, hi, t, L, H, HAS_BIAS)
         total = _last(cs, Q)
         if TMA:                                                         # rows past L read as 0
@@ -402,14 +452,21 @@ def _bwd_dt_kernel(dt_ptr, dt_bias_ptr, A_ptr, z_ptr, u_ptr, sds_ptr, ddt_ptr, d
 # capped at next_pow2(P), so the CPU interpreter tests (P = 16) run 16-wide tiles.
 # Forward: chunks of 64 tokens (or chunk_size if smaller), p-tiles of 64, two programs per SM.
 FWD_CONFIG = dict(Q=64, BP=64, num_warps=4, num_stages=2, programs_per_sm=2)
-STATES_CONFIG = dict(BP=128, num_warps=8, num_stages=2)   # _chunk_states (backward, G = 1)
-BWD_CONFIG = dict(BN=128, BP=128, num_warps=8, num_stages=1, low_states=True)
+STATES_CONFIG = dict(BP=64, BN=64, num_warps=8, num_stages=3, programs_per_sm=2)
+SEGMENTS = None                                           # _chunk_states' nseg; None: it decides
+BWD_CONFIG = dict(BN=128, BP=128, num_warps=8, num_stages=1)
 PASS_BLOCK = 512                                          # state entries per _pass_kernel program
 SEGMENT_CHUNKS = None                                     # G; None: _pick_segment decides
 # Backward chunk by input element size: the gradient kernels hold whole (Q, P) and (Q, Q) tiles
 # and a (P, BN) or (BP, N) state tile; at P = N = 128 in bf16 chunks of 128 fit the shared memory
 # (an H100 or H200 has 227 KiB; 256 would not), in fp32 (tf32 products) chunks of 64.
 BWD_CHUNK = {2: 128, 4: 64}
+
+
+def _sms(device):
+    """Streaming multiprocessors (4 for the CPU interpreter: segments get tested there)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count \
+        if device.type == "cuda" else 4
 
 
 def _pick_segment(b, h, nchunks, p_tiles, device):
@@ -420,9 +477,7 @@ def _pick_segment(b, h, nchunks, p_tiles, device):
     at 8x2048, 4x8192, 1x65536."""
     if SEGMENT_CHUNKS is not None:
         return min(SEGMENT_CHUNKS, nchunks)
-    sms = (torch.cuda.get_device_properties(device).multi_processor_count
-           if device.type == "cuda" else 4)
-    nseg = max(1, round(FWD_CONFIG["programs_per_sm"] * sms / (b * h * p_tiles)))
+    nseg = max(1, round(FWD_CONFIG["programs_per_sm"] * _sms(device) / (b * h * p_tiles)))
     return triton.cdiv(nchunks, nseg)
 
 
@@ -443,7 +498,9 @@ def _tma_views(tensors, blocks):
     return views
 
 
-def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, chunk_size):
+def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, chunk_size, bwd_chunk=None):
+    """y, the final state and, given bwd_chunk, the states entering every chunk of bwd_chunk
+    tokens (in x's dtype, for the backward; else None)."""
     b, l, h, p = x.shape
     n = B.shape[-1]
     Q = min(chunk_size, FWD_CONFIG["Q"])                                # the forward's own chunk
@@ -467,53 +524,72 @@ def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, chunk_size):
         views = _tma_views((x, B), ((QS, BP), (QS, BN)))
         _state_kernel[(nseg - 1, b * h, p_tiles)](                      # not the last segment
             *(views or (x, B)), dt, bias, A, states, segdecay, l, h, p, n, nseg, G * Q // QS,
-            Q=QS, BP=BP, BN=BN, REVERSE=False, HAS_BIAS=dt_bias is not None, TMA=views is not None,
+            Q=QS, BP=BP, BN=BN, REVERSE=False, HAS_BIAS=dt_bias is not None,
+            TMA=views is not None,
             num_warps=warps, num_stages=stages)
         _pass_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
-            states, states, segdecay,
-            initial_state if initial_state is not None else final, final,
-            h, p * n, nseg, nseg - 1, BLOCK=PASS_BLOCK, REVERSE=False,
-            HAS_INIT=initial_state is not None, STORE_FINAL=False)
+            states, segdecay, initial_state if initial_state is not None else final,
+            h, p * n, nseg, BLOCK=PASS_BLOCK, REVERSE=False,
+            HAS_INIT=initial_state is not None)
     views = _tma_views((x, B, C, y), ((Q, BP), (Q, BN), (Q, BN), (Q, BP)))
     xv, Bv, Cv, yv = views or (x, B, C, y)
+    # R: forward chunks per backward chunk, the same with and without grad (no recompile)
+    R = max(1, (bwd_chunk or min(chunk_size, BWD_CHUNK[x.element_size()])) // Q)
+    nb = triton.cdiv(l, R * Q) if bwd_chunk else 0
+    saved = torch.empty(b, nb, h, p, n, device=x.device, dtype=x.dtype) if nb else None
     _scan_kernel[(nseg, b * h, p_tiles)](
-        xv, dt, bias, A, Bv, Cv, yv, states, final, l, h, p, n, nseg, G, Q=Q, BP=BP, BN=BN,
-        HAS_BIAS=dt_bias is not None, HAS_STATE=has_state, TMA=views is not None,
-        num_warps=warps, num_stages=stages)
-    return y, final
+        xv, dt, bias, A, Bv, Cv, yv, states, final, saved if nb else y, l, h, p, n, nseg, G,
+        R, nb, Q=Q, BP=BP, BN=BN, HAS_BIAS=dt_bias is not None, HAS_STATE=has_state,
+        TMA=views is not None, num_warps=warps, num_stages=stages)
+    return y, final, saved
 
 
-def _chunk_states(u, v, dt, A, dt_bias, init, Q, reverse, dtype=torch.float32):
-    """Per-chunk states (G = 1): the state entering each chunk (forward, u = x, v = B) or the
-    state gradient leaving each chunk (reverse, u = dy, v = C, init = dfinal), summed in fp32,
-    returned in dtype. Also returns what the pass leaves at its far end (fp32): the final
-    state, or the initial state's gradient."""
+def _chunk_states(u, v, dt, A, dt_bias, init, Q, reverse, dtype):
+    """The state entering each chunk (forward, u = x, v = B) or the state gradient leaving each
+    chunk (reverse, u = dy, v = C, init = dfinal), summed in fp32, returned in dtype. Also
+    returns what is left at the far end (fp32): the final state, or the initial state's
+    gradient. In segments (_state_kernel, _pass_kernel, as the forward) where b*h*tiles
+    programs are too few for the GPU (long sequences, small batches)."""
     b, l, h, p = u.shape
     n = v.shape[-1]
-    BP, BN = min(STATES_CONFIG["BP"], _pow2(p)), _pow2(n)
-    c = triton.cdiv(l, Q)
-    states = torch.empty(b, c, h, p, n, device=u.device, dtype=torch.float32)
-    segdecay = torch.empty(b, h, c, device=u.device, dtype=torch.float32)
+    BP, BN = min(STATES_CONFIG["BP"], _pow2(p)), min(STATES_CONFIG["BN"], _pow2(n))
+    c, tiles = triton.cdiv(l, Q), triton.cdiv(p, BP) * triton.cdiv(n, BN)
+    nseg = SEGMENTS if SEGMENTS is not None else \
+        max(1, round(STATES_CONFIG["programs_per_sm"] * _sms(u.device) / (b * h * tiles)))
+    G = triton.cdiv(c, min(nseg, c))
+    nseg = triton.cdiv(c, G)
+    out = torch.empty(b, c, h, p, n, device=u.device, dtype=dtype)
     end = torch.empty(b, h, p, n, device=u.device, dtype=torch.float32)
     bias = dt_bias if dt_bias is not None else A
-    _state_kernel[(c, b * h, triton.cdiv(p, BP))](
-        u, v, dt, bias, A, states, segdecay, l, h, p, n, c, 1, Q=Q, BP=BP, BN=BN,
-        REVERSE=reverse, HAS_BIAS=dt_bias is not None, TMA=False,
+    if nseg > 1:
+        BPS = min(FWD_CONFIG["BP"], _pow2(p))
+        segs = torch.empty(b, nseg, h, p, n, device=u.device, dtype=torch.float32)
+        segdecay = torch.empty(b, h, nseg, device=u.device, dtype=torch.float32)
+        _state_kernel[(nseg - 1, b * h, triton.cdiv(p, BPS))](
+            u, v, dt, bias, A, segs, segdecay, l, h, p, n, nseg, G, Q=Q, BP=BPS, BN=_pow2(n),
+            REVERSE=reverse, HAS_BIAS=dt_bias is not None, TMA=False,
+            num_warps=FWD_CONFIG["num_warps"], num_stages=FWD_CONFIG["num_stages"])
+        _pass_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
+            segs, segdecay, init if init is not None else end, h, p * n, nseg,
+            BLOCK=PASS_BLOCK, REVERSE=reverse, HAS_INIT=init is not None)
+        init = segs
+    _states_kernel[(nseg, b * h, tiles)](
+        u, v, dt, bias, A, init if init is not None else end, out, end, l, h, p, n, c, nseg, G,
+        Q=Q, BP=BP, BN=BN, REVERSE=reverse, HAS_BIAS=dt_bias is not None,
+        HAS_INIT=init is not None,
         num_warps=STATES_CONFIG["num_warps"], num_stages=STATES_CONFIG["num_stages"])
-    out = states if dtype == states.dtype else torch.empty_like(states, dtype=dtype)
-    _pass_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
-        states, out, segdecay, init if init is not None else end, end, h, p * n, c, c,
-        BLOCK=PASS_BLOCK, REVERSE=reverse, HAS_INIT=init is not None, STORE_FINAL=True)
     return out, end
 
 
-def _ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, dt_bias, initial_state, Q):
+def _ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, dt_bias, initial_state, Q, S=None):
+    """Every gradient; S: the states entering each chunk of Q tokens, as the forward saves
+    them (recomputed where None)."""
     b, l, h, p = x.shape
     n = B.shape[-1]
     c = triton.cdiv(l, Q)
-    low = x.dtype if BWD_CONFIG["low_states"] else torch.float32
-    S, _ = _chunk_states(x, B, dt, A, dt_bias, initial_state, Q, False, low)
-    dS, dinit = _chunk_states(dy, C, dt, A, dt_bias, dfinal, Q, True, low)
+    if S is None:
+        S, _ = _chunk_states(x, B, dt, A, dt_bias, initial_state, Q, False, x.dtype)
+    dS, dinit = _chunk_states(dy, C, dt, A, dt_bias, dfinal, Q, True, x.dtype)
     dx, dB, dC = torch.empty_like(x), torch.empty_like(B), torch.empty_like(C)
     ddt = torch.empty(b, l, h, device=x.device, dtype=torch.float32)
     dA = torch.empty(b, h, c, device=x.device, dtype=torch.float32)
@@ -536,38 +612,43 @@ def _ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, dt_bias, initial_state, Q):
 
 
 class _SSDTriton(torch.autograd.Function):
-    """ssd with the Triton kernels; the backward recomputes the chunk states from the inputs."""
+    """ssd with the Triton kernels. With grad, the forward also keeps the states entering the
+    backward's chunks (in x's dtype: at P = N = Q = 128 the bytes of x again); the backward
+    recomputes only the state gradients."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, dt_bias, initial_state, chunk_size):
+    def forward(ctx, x, dt, A, B, C, dt_bias, initial_state, chunk_size, grad):
         x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
         init = initial_state.float().contiguous() if initial_state is not None else None
         bias = dt_bias.float() if dt_bias is not None else None
-        y, final = _ssd_fwd_triton(x, dt, A.float(), B, C, bias, init, chunk_size)
-        ctx.save_for_backward(x, dt, A, B, C, dt_bias, initial_state)
-        ctx.chunk_size = chunk_size
+        Q = min(chunk_size, BWD_CHUNK[x.element_size()])           # the backward's own chunk
+        y, final, S = _ssd_fwd_triton(x, dt, A.float(), B, C, bias, init, chunk_size,
+                                      Q if grad else None)
+        ctx.save_for_backward(x, dt, A, B, C, dt_bias, initial_state, S)
+        ctx.Q = Q
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, dt_bias, initial_state = ctx.saved_tensors
+        x, dt, A, B, C, dt_bias, initial_state, S = ctx.saved_tensors
         dy = torch.zeros_like(x) if dy is None else dy.contiguous()
         init = initial_state.float().contiguous() if initial_state is not None else None
         dfinal = dfinal.float().contiguous() if dfinal is not None else None
-        Q = min(ctx.chunk_size, BWD_CHUNK[x.element_size()])           # the backward's own chunk
         dx, ddt, dA, dB, dC, dbias, dinit = _ssd_bwd_triton(
             dy, dfinal, x, dt, A.float(), B, C, dt_bias.float() if dt_bias is not None else None,
-            init, Q)
+            init, ctx.Q, S)
         return (dx, ddt.to(dt.dtype), dA.to(A.dtype), dB, dC,
                 dbias.to(dt_bias.dtype) if dt_bias is not None else None,
-                dinit.to(initial_state.dtype) if initial_state is not None else None, None)
+                dinit.to(initial_state.dtype) if initial_state is not None else None, None, None)
 
 
 def ssd_triton(x, dt, A, B, C, dt_bias=None, initial_state=None, chunk_size=128):
     """scan_kernel.ssd's backend="triton": fp16, bf16 or fp32 inputs, chunk_size a power of two
     >= 16. The kernels run chunks of at most chunk_size (FWD_CONFIG, BWD_CHUNK): same result."""
     check_triton_inputs(x, chunk_size)
-    return _SSDTriton.apply(x, dt, A, B, C, dt_bias, initial_state, chunk_size)
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, dt_bias, initial_state))
+    return _SSDTriton.apply(x, dt, A, B, C, dt_bias, initial_state, chunk_size, grad)
 
 
 # -----------------------------------------------------------------------------

@@ -154,13 +154,41 @@ def test_fast_pointer_path_matches_float64(case, monkeypatch):
 
 
 @needs_interpreter
-def test_fast_backward_tiles_smaller_than_the_head(monkeypatch):
+@pytest.mark.parametrize("segments", [1, 3])
+def test_fast_backward_tiles_smaller_than_the_head(segments, monkeypatch):
     # the backward can tile N (dB, dC) and P (dx), summing the log-decays' shares over the
-    # tiles: three tiles each way here, the last of N's with 4 of its 8 columns past the end
-    # (the states' low dtype is the GPU tests': fp32 inputs here keep them fp32 either way)
+    # tiles, and _states_kernel too: three tiles each way here, the last of N's with 4 of its 8
+    # columns past the end; the state gradients in one sweep or in segments (of 2, 2, 1 chunks)
     monkeypatch.setattr(sf, "BWD_CONFIG", dict(sf.BWD_CONFIG, BN=8, BP=8))
-    ins = draw(2, 3 * Q + 3, 2, 24, 20, init=True)
+    monkeypatch.setattr(sf, "STATES_CONFIG", dict(sf.STATES_CONFIG, BN=8, BP=8))
+    monkeypatch.setattr(sf, "SEGMENTS", segments)
+    ins = draw(2, 4 * Q + 3, 2, 24, 20, init=True)
     assert_close(fwd_bwd(ins, sk.ssd_quadratic, chunk=Q), 1e-5, "fast, tiles of 8")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("bwd_chunk,segments", [(16, 3), (32, 1), (32, 2), (64, 2)])
+def test_states_for_the_backward(bwd_chunk, segments, monkeypatch):
+    """The states entering each of the backward's chunks, as the forward stores them (every
+    R-th of its chunks of 16, R = 1, 2, 4, across segments of 3 chunks) and as _chunk_states
+    recomputes them (tiles of 8, the last partly past the end; in one sweep or in segments),
+    against float64: the final state of the prefix before each chunk."""
+    monkeypatch.setattr(sf, "FWD_CONFIG", dict(sf.FWD_CONFIG, Q=16))
+    monkeypatch.setattr(sf, "SEGMENT_CHUNKS", 3)
+    monkeypatch.setattr(sf, "STATES_CONFIG", dict(sf.STATES_CONFIG, BP=8, BN=8))
+    monkeypatch.setattr(sf, "SEGMENTS", segments)
+    ins = draw(2, 4 * 16 * 2 + 7, 2, 24, 20, init=True)
+    x, dt, A, B, C, bias, init = (ins[k] for k in NAMES)
+    _, _, saved = sf._ssd_fwd_triton(x, dt, A, B, C, bias, init, 16, bwd_chunk)
+    again, _ = sf._chunk_states(x, B, dt, A, bias, init, bwd_chunk, False, torch.float32)
+    d = {k: v.double() for k, v in ins.items()}
+    want = torch.stack([d["initial_state"]] + [
+        sk.ssd_chunked(**{k: d[k][:, :s] for k in ("x", "dt", "B", "C")}, A=d["A"],
+                       dt_bias=d["dt_bias"], initial_state=d["initial_state"], chunk_size=16)[1]
+        for s in range(bwd_chunk, x.shape[1], bwd_chunk)], dim=1)
+    assert saved.shape == want.shape == again.shape
+    assert rel(saved, want) < 1e-5 and rel(again, want) < 1e-5, (rel(saved, want),
+                                                                   rel(again, want))
 
 
 @needs_interpreter

@@ -1,21 +1,21 @@
 """Where the fast scan's backward spends its time on a GPU, kernel by kernel, at the mmMamba
-shape (16 heads, P = N = 128, bf16, dt raw with dt_bias), and the same with other launch
-settings. Whole calls: medians of triton.testing.do_bench, ms; kernels: the mean time of each
-Triton kernel over 20 backward calls under torch.profiler. Then the Triton backward on fp32
-inputs against float64. Raw output of this and earlier versions: docs/h200/bwd_parts*.log
-(docs/kernel_log.md says which version wrote which).
+shape (16 heads, P = N = 128, bf16, dt raw with dt_bias), beside an earlier version of
+scan_fast.py in the same process, and the state-gradient kernel under other launch settings.
+Whole calls: medians of triton.testing.do_bench, ms, old and new alternating; kernels: the mean
+time of each Triton kernel over 20 calls under torch.profiler. Then the accuracy of both
+against float64 (bf16, three draws; fp32 once). Raw output of this and earlier versions:
+docs/h200/bwd_parts*.log (docs/kernel_log.md says which version wrote which).
 
-    python docs/h200/bwd_parts.py
+    git show <commit>:scan_fast.py > .sweep/scan_fast_old.py     # optional: the version to beat
+    python docs/h200/bwd_parts.py [.sweep/scan_fast_old.py] [--quick]
 
-Per shape: the forward and the whole backward, then each backward kernel (_state_kernel and
-_pass_kernel twice: forward states and state gradients; the gradient kernels). Then the backward
-at 8 x 2048 and 4 x 8192 with other chunks, tiles, warps and state dtypes (scan_fast.BWD_CONFIG)."""
+--quick: the whole calls and kernels only (no sweep, no accuracy)."""
 import collections
+import importlib.util
 import os
 import sys
 
 import torch
-import triton
 from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
@@ -23,74 +23,106 @@ sys.path.insert(0, os.getcwd())
 import scan_fast as sf                                          # noqa: E402
 
 H, P, N = 16, 128, 128
+MODS = {"new": sf}
+OLD = [a for a in sys.argv[1:] if not a.startswith("--")]
+if OLD:
+    spec = importlib.util.spec_from_file_location("scan_fast_old", OLD[0])
+    MODS["old"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(MODS["old"])
 
 
-def parts(b, l, Q=128, kernels=True):
-    ins = sf._random_inputs(b, l, H, P, N, torch.bfloat16, "cuda")
-    x, dt, A, B, C, bias = (ins[k] for k in ("x", "dt", "A", "B", "C", "dt_bias"))
-    dy = torch.randn_like(x)
+def inputs(b, l, dtype=torch.bfloat16, seed=0):
+    torch.manual_seed(seed)
+    ins = sf._random_inputs(b, l, H, P, N, dtype, "cuda", requires_grad=True)
+    return ins, torch.randn_like(ins["x"])
 
-    def bwd():
-        return sf._ssd_bwd_triton(dy, None, x, dt, A, B, C, bias, None, Q)
-    out = {"fwd": do_bench(lambda: sf._ssd_fwd_triton(x, dt, A, B, C, bias, None, 128)),
-           "bwd": do_bench(bwd)}
-    if kernels:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(20):
-                bwd()
-            torch.cuda.synchronize()
-        per = collections.defaultdict(float)
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA and e.name.startswith("_"):
-                per[e.name] += e.device_time_total / 1e3 / 20                 # us -> ms per call
-        out.update(per)
-    return out
+
+def per_kernel(fn, calls=20):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per = collections.defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.name.startswith("_"):
+            per[e.name] += e.device_time_total / 1e3 / calls                 # us -> ms per call
+    return dict(per)
+
+
+def fwd_bwd(mod, ins, dy):
+    def run():
+        y, _ = mod.ssd_triton(**ins)
+        return torch.autograd.grad(y, list(ins.values()), dy)
+    return run
+
+
+def fwd(mod, ins):
+    def run():
+        with torch.no_grad():
+            return mod.ssd_triton(**ins)
+    return run
 
 
 for b, l in ((16, 1024), (8, 2048), (4, 8192), (1, 65536)):
-    r = parts(b, l)
-    print(f"{b}x{l}", "  ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
-keep = dict(sf.BWD_CONFIG)
-SWEEP = ([dict(Q=q, num_warps=w, BN=bn, BP=bp) for q, w in ((128, 8), (64, 4))
-          for bn, bp in ((128, 128), (64, 128), (128, 64), (64, 64))]
-         + [dict(Q=128, num_warps=8, BN=128, BP=128, low_states=False)])
-for shape in ((8, 2048), (4, 8192)):
-    for cfg in map(dict, SWEEP):
-        Q = cfg.pop("Q")
-        sf.BWD_CONFIG = dict(keep, **cfg)
-        name = f"{shape[0]}x{shape[1]} Q {Q} " + " ".join(f"{k} {v}" for k, v in cfg.items())
+    ins, dy = inputs(b, l)
+    times = collections.defaultdict(list)
+    for _ in range(3):                                                  # alternate old, new
+        for name, mod in MODS.items():
+            times[name + " fwd"].append(do_bench(fwd(mod, ins)))
+            times[name + " fwd+bwd"].append(do_bench(fwd_bwd(mod, ins, dy)))
+    print(f"{b}x{l}", "  ".join(f"{k} {sorted(v)[1]:.3f}" for k, v in times.items()), flush=True)
+    for name, mod in MODS.items():
+        kern = per_kernel(fwd_bwd(mod, ins, dy))
+        print(f"  {name} kernels:", "  ".join(f"{k} {v:.3f}" for k, v in kern.items()),
+              flush=True)
+    del ins, dy
+if "--quick" in sys.argv:
+    sys.exit()
+
+# the state gradients alone (_chunk_states, reverse) under other tiles, warps, stages and
+# programs per SM (which set the segments)
+keep = dict(sf.STATES_CONFIG)
+SWEEP = [dict(BP=bp, BN=bn, num_warps=w, num_stages=s, programs_per_sm=pps)
+         for bp, bn, w, s in ((64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 2), (64, 64, 8, 3),
+                              (32, 64, 4, 3), (128, 128, 8, 2)) for pps in (1, 2, 4)]
+for b, l in ((8, 2048), (4, 8192), (1, 65536)):
+    ins, dy = inputs(b, l)
+    args = (dy, ins["C"], ins["dt"], ins["A"], ins["dt_bias"], None, 128, True, torch.bfloat16)
+    line = [f"{b}x{l} state gradients:"]
+    if "old" in MODS:
+        line.append(f"old {do_bench(lambda: MODS['old']._chunk_states(*args)):.3f}")
+    for cfg in SWEEP:
+        sf.STATES_CONFIG = cfg
+        name = "[" + ",".join(str(v) for v in cfg.values()) + "]"
         try:
-            r = parts(*shape, Q, kernels=True)
+            line.append(f"{name} {do_bench(lambda: sf._chunk_states(*args)):.3f}")
         except Exception as e:                                          # out of shared memory
-            print(f"{name}: {str(e)[:80]}", flush=True)
-            continue
-        kern = "  ".join(f"{k} {v:.3f}" for k, v in r.items() if k.startswith("_"))
-        print(f"{name} bwd {r['bwd']:.3f}  {kern}", flush=True)
-sf.BWD_CONFIG = keep
+            line.append(f"{name} {str(e)[:40]}")
+    sf.STATES_CONFIG = keep
+    print("  ".join(line), flush=True)
+    del ins, dy
 
 
-def fp32_errors(Q, **cfg):
-    """The Triton backward on fp32 inputs (tf32 products; before v7 they went to PyTorch: the
-    whole tiles did not fit shared memory) against float64 autograd through ssd_chunked."""
-    sf.BWD_CONFIG = dict(keep, **cfg)
-    ins = sf._random_inputs(2, 1024 + 77, H, P, N, torch.float32, "cuda")
-    dy = torch.randn_like(ins["x"])
-    got = sf._ssd_bwd_triton(dy, None, ins["x"], ins["dt"], ins["A"], ins["B"], ins["C"],
-                             ins["dt_bias"], None, Q)
-    ref = {k: v.double().requires_grad_() for k, v in ins.items()}
-    y, _ = sf.ssd_chunked(**ref, chunk_size=Q)
-    want = torch.autograd.grad((y * dy.double()).sum(), [ref[k] for k in
-                                                          ("x", "dt", "A", "B", "C", "dt_bias")])
-    names = ("dx", "ddt", "dA", "dB", "dC", "ddt_bias")
-    return {k: (g.double() - w).norm().item() / w.norm().item()
-            for k, g, w in zip(names, got[:6], want)}
+def errors(mod, dtype, seed, l=2048 + 77):
+    """Every gradient of mod's scan, an initial state's and the final state's included, against
+    float64 autograd through ssd_chunked (scan_fast.validate's measure)."""
+    ins, dy = inputs(2, l, dtype, seed)
+    ins["initial_state"] = torch.randn(2, H, P, N, device="cuda", requires_grad=True)
+    y, f = mod.ssd_triton(**ins)
+    ref = {k: v.detach().double().requires_grad_() for k, v in ins.items()}
+    yr, fr = sf.ssd_chunked(**ref)
+    gf = torch.randn_like(fr)
+    got = torch.autograd.grad((y.double() * dy).sum() + (f.double() * gf).sum(),
+                              list(ins.values()))
+    want = torch.autograd.grad((yr * dy.double()).sum() + (fr * gf).sum(), list(ref.values()))
+    return {"d" + k: (g.double() - w).norm().item() / w.norm().item()
+            for k, g, w in zip(ins, got, want)}
 
 
-for Q, cfg in ((64, dict(BN=64, BP=64, num_warps=4)), (64, dict(BN=64, BP=64, num_warps=8)),
-               (64, dict(BN=128, BP=128, num_warps=8)), (32, dict(BN=128, BP=128, num_warps=4))):
-    try:
-        err = fp32_errors(Q, **cfg)
-        print(f"fp32 Q {Q} {cfg}:", " ".join(f"{k} {v:.1e}" for k, v in err.items()), flush=True)
-    except Exception as e:
-        print(f"fp32 Q {Q} {cfg}: {str(e)[:100]}", flush=True)
-sf.BWD_CONFIG = keep
+for seed in range(3):
+    for name, mod in MODS.items():
+        err = errors(mod, torch.bfloat16, seed)
+        print(f"bf16 seed {seed} {name}:", " ".join(f"{k} {v:.1e}" for k, v in err.items()),
+              flush=True)
+err = errors(sf, torch.float32, 0, 1024 + 77)
+print("fp32 new:", " ".join(f"{k} {v:.1e}" for k, v in err.items()), flush=True)
