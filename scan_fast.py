@@ -68,11 +68,12 @@ from util import ArgumentParser, InputError, run_cli
 # forward stores the first as it passes (sb_ptr); _states_kernel computes the second, one program
 # per (segment, batch*head, tile of the state) walking the chunks backwards in time with dy and
 # C in place of x and B (segments, as the forward's, only where the programs would be too few;
-# v8). Then three kernels (docs/kernel_log.md, v6 and v7) form every gradient of one chunk:
-#   _bwd_bc_kernel one program per (chunk, batch*head, result tile): a tile of dC or of dB, from
-#                  W = dy xdt^T (decayed) and one state; and the pairs' share of dA
-#   _bwd_dx_kernel one program per (chunk, batch*head, p-tile): dx from M = C B^T (decayed) and
-#                  dS; its tile's shares of dA
+# v8). Then two kernels (docs/kernel_log.md, v6-v9) form every gradient of one chunk:
+#   _bwd_grad_kernel one program per (chunk and result tile, batch*head), the chunk's programs
+#                  adjacent (they run together, the later ones' loads hit L2), each running
+#     _bwd_bc      a tile of dC or dB, from W = dy xdt^T (decayed) and one state; and the pairs'
+#                  share of dA
+#     _bwd_dx      a tile of dx, from M = C B^T (decayed) and dS; its tile's shares of dA
 #   _bwd_dt_kernel one program per (chunk, batch*head): sums the shares into ddt and dA
 # No program holds more than one (Q, Q) matrix, one state and one result: the single kernel of
 # v5 held all of them and spilled (the backward is 37% faster split).
@@ -325,12 +326,12 @@ def _state_tile(s_ptr, bh, k, p, n, H, P, N, nchunks):
 
 
 @triton.jit
-def _bwd_bc_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
-                   dB_ptr, dC_ptr, z_ptr, L, H, P, N, nchunks, zstride,
-                   Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, NT: tl.constexpr,
-                   HAS_BIAS: tl.constexpr):
-    """Columns n (tile j % NT, j = program_id(2)) of dC (j < NT) or dB (j >= NT) for one
-    chunk of one (batch, head), given S = the state entering the chunk and dS = the gradient
+def _bwd_bc(k, j, bh, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
+            dB_ptr, dC_ptr, z_ptr, L, H, P, N, nchunks, zstride,
+            Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, NT: tl.constexpr,
+            HAS_BIAS: tl.constexpr):
+    """Columns n (tile j % NT) of dC (j < NT) or dB (j >= NT) for chunk k of one (batch,
+    head) bh, given S = the state entering the chunk and dS = the gradient
     of the state leaving it. With xdt = dt x and W = (dy xdt^T) * decay (causal:
     W_ts = dy_t . xdt_s exp(cs_t - cs_s)):
         dC = W B + e_in * dy S          dB = W^T C + e_out * xdt dS
@@ -341,7 +342,6 @@ def _bwd_bc_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_pt
     strictly causal products the gradients take anyway (the diagonal, which cancels between
     rows and columns, is added apart). Row terms (and <C_t, e_in (dy S)_t>, the state -> output
     term) go to z[tile], columns to z[NT + tile]."""
-    k, bh, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q = tl.arange(0, Q)
     n = j % NT * BN + tl.arange(0, BN)
     p = tl.arange(0, BP)
@@ -376,15 +376,14 @@ def _bwd_bc_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_pt
 
 
 @triton.jit
-def _bwd_dx_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
-                   dx_ptr, u_ptr, sds_ptr, L, H, P, N, nchunks, ustride,
-                   Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Columns p (tile program_id(2)) of dx for one chunk of one (batch, head). With
+def _bwd_dx(k, pt, bh, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
+            dx_ptr, u_ptr, sds_ptr, L, H, P, N, nchunks, ustride,
+            Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Columns p (tile pt) of dx for chunk k of one (batch, head) bh. With
     M = (C B^T) * decay (causal):  dxdt = M^T dy + e_out * B dS^T,  dx = dt dxdt.
     Also this tile's shares of the log-decays' gradient: <xdt_t, (e_out B dS^T)_t> (the input
     -> state term) and <x_t, dxdt_t> (ddt's own term) to u, and <dS, S> (the incoming state's
     decay) to sds."""
-    k, bh, pt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q = tl.arange(0, Q)
     n = tl.arange(0, BN)
     p = pt * BP + tl.arange(0, BP)
@@ -410,6 +409,29 @@ def _bwd_dx_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_pt
     tl.store(u_ptr + (2 * pt + 1) * ustride + rows, tl.sum(x.to(tl.float32) * dxdt, axis=1),
              mask=tm)
     tl.store(sds_ptr + (pt * tl.num_programs(1) + bh) * nchunks + k, sds)
+
+
+@triton.jit
+def _bwd_grad_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
+                     dB_ptr, dC_ptr, z_ptr, dx_ptr, u_ptr, sds_ptr, L, H, P, N, nchunks, stride,
+                     Q: tl.constexpr, BPW: tl.constexpr, BN: tl.constexpr, NT: tl.constexpr,
+                     BP: tl.constexpr, BNW: tl.constexpr, PT: tl.constexpr,
+                     HAS_BIAS: tl.constexpr):
+    """Every gradient of one chunk of one (batch, head) but ddt and dA: program j of the chunk
+    runs _bwd_bc (dC or dB tile j, j < 2 NT, tiles BN wide with whole rows of P, BPW) or
+    _bwd_dx (dx tile j - 2 NT, BP wide with whole rows of N, BNW). One kernel, the chunk's
+    programs adjacent in the grid: they run together, and the later ones' loads of x, dy, B,
+    C and the states hit L2."""
+    k = tl.program_id(0) // (2 * NT + PT)
+    j = tl.program_id(0) % (2 * NT + PT)
+    bh = tl.program_id(1)
+    if j < 2 * NT:
+        _bwd_bc(k, j, bh, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
+                dB_ptr, dC_ptr, z_ptr, L, H, P, N, nchunks, stride, Q, BPW, BN, NT, HAS_BIAS)
+    else:
+        _bwd_dx(k, j - 2 * NT, bh, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr,
+                s_ptr, ds_ptr, dx_ptr, u_ptr, sds_ptr, L, H, P, N, nchunks, stride, Q, BP, BNW,
+                HAS_BIAS)
 
 
 @triton.jit
@@ -600,12 +622,9 @@ def _ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, dt_bias, initial_state, Q, S=Non
     sds = torch.empty(PT, b * h, c, device=x.device, dtype=torch.float32)
     bias, has_bias = dt_bias if dt_bias is not None else A, dt_bias is not None
     warps = dict(num_warps=BWD_CONFIG["num_warps"], num_stages=BWD_CONFIG["num_stages"])
-    _bwd_bc_kernel[(c, b * h, 2 * NT)](
-        x, dt, bias, A, B, C, dy, S, dS, dB, dC, z, l, h, p, n, c, b * l * h,
-        Q=Q, BP=_pow2(p), BN=BN, NT=NT, HAS_BIAS=has_bias, **warps)
-    _bwd_dx_kernel[(c, b * h, PT)](
-        x, dt, bias, A, B, C, dy, S, dS, dx, u, sds, l, h, p, n, c, b * l * h,
-        Q=Q, BP=BP, BN=_pow2(n), HAS_BIAS=has_bias, **warps)
+    _bwd_grad_kernel[(c * (2 * NT + PT), b * h)](
+        x, dt, bias, A, B, C, dy, S, dS, dB, dC, z, dx, u, sds, l, h, p, n, c, b * l * h,
+        Q=Q, BPW=_pow2(p), BN=BN, NT=NT, BP=BP, BNW=_pow2(n), PT=PT, HAS_BIAS=has_bias, **warps)
     _bwd_dt_kernel[(c, b * h)](dt, bias, A, z, u, sds, ddt, dA, l, h, c, b * l * h,
                                Q=Q, NT=NT, PT=PT, HAS_BIAS=has_bias)
     return dx, ddt, dA.sum((0, 2)), dB, dC, ddt.sum((0, 1)), dinit
@@ -988,9 +1007,8 @@ def probe():
         with torch.no_grad():
             ssd(**ins, backend="simple")
     torch.cuda.synchronize()
-    kernels = (_state_kernel, _pass_kernel, _scan_kernel, _bwd_bc_kernel, _bwd_dx_kernel,
-               _bwd_dt_kernel,
-               scan_kernel._simple_scan_kernel)
+    kernels = (_state_kernel, _pass_kernel, _scan_kernel, _states_kernel, _bwd_grad_kernel,
+               _bwd_dt_kernel, scan_kernel._simple_scan_kernel)
     for fn in kernels:
         for caches in fn.device_caches.values():
             for key, k in caches[0].items():

@@ -6,10 +6,10 @@ time of each Triton kernel over 20 calls under torch.profiler. Then the accuracy
 against float64 (bf16, three draws; fp32 once). Raw output of this and earlier versions:
 docs/h200/bwd_parts*.log (docs/kernel_log.md says which version wrote which).
 
-    git show <commit>:scan_fast.py > .sweep/scan_fast_old.py     # optional: the version to beat
-    python docs/h200/bwd_parts.py [.sweep/scan_fast_old.py] [--quick]
+    git show <commit>:scan_fast.py > .sweep/scan_fast_v7.py      # optional: versions to beat
+    python docs/h200/bwd_parts.py [.sweep/scan_fast_v7.py ...] [--quick]
 
---quick: the whole calls and kernels only (no sweep, no accuracy)."""
+--quick: no sweep, one accuracy draw. Each version is named by its file name after "scan_fast_"."""
 import collections
 import importlib.util
 import os
@@ -24,11 +24,11 @@ import scan_fast as sf                                          # noqa: E402
 
 H, P, N = 16, 128, 128
 MODS = {"new": sf}
-OLD = [a for a in sys.argv[1:] if not a.startswith("--")]
-if OLD:
-    spec = importlib.util.spec_from_file_location("scan_fast_old", OLD[0])
-    MODS["old"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(MODS["old"])
+for path in (a for a in sys.argv[1:] if not a.startswith("--")):       # versions to compare
+    name = os.path.basename(path).removesuffix(".py").removeprefix("scan_fast_")
+    spec = importlib.util.spec_from_file_location("scan_fast_" + name, path)
+    MODS[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(MODS[name])
 
 
 def inputs(b, l, dtype=torch.bfloat16, seed=0):
@@ -76,8 +76,7 @@ for b, l in ((16, 1024), (8, 2048), (4, 8192), (1, 65536)):
         print(f"  {name} kernels:", "  ".join(f"{k} {v:.3f}" for k, v in kern.items()),
               flush=True)
     del ins, dy
-if "--quick" in sys.argv:
-    sys.exit()
+QUICK = "--quick" in sys.argv
 
 # the state gradients alone (_chunk_states, reverse) under other tiles, warps, stages and
 # programs per SM (which set the segments)
@@ -85,12 +84,12 @@ keep = dict(sf.STATES_CONFIG)
 SWEEP = [dict(BP=bp, BN=bn, num_warps=w, num_stages=s, programs_per_sm=pps)
          for bp, bn, w, s in ((64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 2), (64, 64, 8, 3),
                               (32, 64, 4, 3), (128, 128, 8, 2)) for pps in (1, 2, 4)]
-for b, l in ((8, 2048), (4, 8192), (1, 65536)):
+for b, l in () if QUICK else ((8, 2048), (4, 8192), (1, 65536)):
     ins, dy = inputs(b, l)
     args = (dy, ins["C"], ins["dt"], ins["A"], ins["dt_bias"], None, 128, True, torch.bfloat16)
     line = [f"{b}x{l} state gradients:"]
-    if "old" in MODS:
-        line.append(f"old {do_bench(lambda: MODS['old']._chunk_states(*args)):.3f}")
+    for name, mod in list(MODS.items())[1:]:
+        line.append(f"{name} {do_bench(lambda: mod._chunk_states(*args)):.3f}")
     for cfg in SWEEP:
         sf.STATES_CONFIG = cfg
         name = "[" + ",".join(str(v) for v in cfg.values()) + "]"
@@ -119,10 +118,11 @@ def errors(mod, dtype, seed, l=2048 + 77):
             for k, g, w in zip(ins, got, want)}
 
 
-for seed in range(3):
+for seed in range(1 if QUICK else 3):
     for name, mod in MODS.items():
         err = errors(mod, torch.bfloat16, seed)
         print(f"bf16 seed {seed} {name}:", " ".join(f"{k} {v:.1e}" for k, v in err.items()),
               flush=True)
-err = errors(sf, torch.float32, 0, 1024 + 77)
-print("fp32 new:", " ".join(f"{k} {v:.1e}" for k, v in err.items()), flush=True)
+for name, mod in MODS.items():
+    err = errors(mod, torch.float32, 0, 1024 + 77)
+    print(f"fp32 {name}:", " ".join(f"{k} {v:.1e}" for k, v in err.items()), flush=True)
