@@ -331,8 +331,8 @@ def _bwd_bc(k, j, bh, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s
             Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, NT: tl.constexpr,
             HAS_BIAS: tl.constexpr):
     """Columns n (tile j % NT) of dC (j < NT) or dB (j >= NT) for chunk k of one (batch,
-    head) bh, given S = the state entering the chunk and dS = the gradient
-    of the state leaving it. With xdt = dt x and W = (dy xdt^T) * decay (causal:
+    head) bh, given S = the state entering the chunk and dS = the gradient of the state
+    leaving it. With xdt = dt x and W = (dy xdt^T) * decay (causal:
     W_ts = dy_t . xdt_s exp(cs_t - cs_s)):
         dC = W B + e_in * dy S          dB = W^T C + e_out * xdt dS
     (e_in = exp(cs_t), e_out = exp(cs_end - cs_t)). Each program forms W (a (Q, Q, P) product)
