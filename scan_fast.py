@@ -101,6 +101,19 @@ def _last(v, Q: tl.constexpr):
 
 
 @triton.jit
+def _chunk_part(u, v, dt, cs, total, REVERSE: tl.constexpr):
+    """What one chunk adds to the carried (BN, BP) state, one tensor-core product:
+    v^T (u * dt * decay t -> end) forward (u = x, v = B: the state it leaves), or
+    v^T (u * decay start -> t) in REVERSE (u = dy, v = C: the gradient w.r.t. the state
+    entering it)."""
+    if REVERSE:
+        w = tl.exp(tl.minimum(cs, 0.0))
+    else:
+        w = dt * tl.exp(tl.minimum(total - cs, 0.0))
+    return tl.dot(tl.trans(v), (u.to(tl.float32) * w[:, None]).to(v.dtype))
+
+
+@triton.jit
 def _state_kernel(u_ptr, v_ptr, dt_ptr, dt_bias_ptr, A_ptr, s_ptr, seg_ptr,
                   L, H, P, N, nseg, G,
                   Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
@@ -134,12 +147,7 @@ def _state_kernel(u_ptr, v_ptr, dt_ptr, dt_bias_ptr, A_ptr, s_ptr, seg_ptr,
                         mask=(t < L)[:, None] & (p < P)[None, :], other=0.0)   # (Q, BP)
             v = tl.load(v_ptr + rows[:, None] * N + n[None, :],
                         mask=(t < L)[:, None] & (n < N)[None, :], other=0.0)   # (Q, BN)
-        if REVERSE:
-            w = tl.exp(tl.minimum(cs, 0.0))                             # decay start -> t
-        else:
-            w = dt * tl.exp(tl.minimum(total - cs, 0.0))                # dt * decay t -> end
-        uw = (u.to(tl.float32) * w[:, None]).to(v.dtype)
-        acc = acc * tl.exp(total) + tl.dot(tl.trans(v), uw)             # (BN, BP)
+        acc = acc * tl.exp(total) + _chunk_part(u, v, dt, cs, total, REVERSE)    # (BN, BP)
         logdecay += total
     bhs = (bi * nseg + g) * H + hi
     tl.store(s_ptr + (bhs * P + p)[None, :].to(tl.int64) * N + n[:, None], acc,
@@ -220,12 +228,7 @@ def _states_kernel(u_ptr, v_ptr, dt_ptr, dt_bias_ptr, A_ptr, init_ptr, o_ptr, en
         if k < nchunks:
             st = ((bi * nchunks + k) * H + hi).to(tl.int64) * P * N
             tl.store(o_ptr + st + off, s.to(o_ptr.dtype.element_ty), mask=np_mask)
-        if REVERSE:
-            w = tl.exp(tl.minimum(cs, 0.0))                             # decay start -> t
-        else:
-            w = dt * tl.exp(tl.minimum(total - cs, 0.0))                # dt * decay t -> end
-        uw = (u.to(tl.float32) * w[:, None]).to(v.dtype)
-        s = s * tl.exp(total) + tl.dot(tl.trans(v), uw)
+        s = s * tl.exp(total) + _chunk_part(u, v, dt, cs, total, REVERSE)
     if g == (0 if REVERSE else nseg - 1):
         tl.store(end_ptr + bh.to(tl.int64) * P * N + off, s, mask=np_mask)
 
@@ -296,8 +299,7 @@ def _scan_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, y_ptr, s_ptr, 
         else:
             tl.store(y_ptr + rows[:, None] * P + p[None, :], y.to(y_ptr.dtype.element_ty),
                      mask=tm[:, None] & (p < P)[None, :])
-        xw = (x.to(tl.float32) * (dt * tl.exp(tl.minimum(total - cs, 0.0)))[:, None]).to(Bm.dtype)
-        ST = ST * tl.exp(total) + tl.dot(tl.trans(Bm), xw)              # (BN, BP) at chunk end
+        ST = ST * tl.exp(total) + _chunk_part(x, Bm, dt, cs, total, False)   # at chunk end
     if g == nseg - 1:
         tl.store(final_ptr + (bh * P + p)[None, :].to(tl.int64) * N + n[:, None], ST, mask=np_mask)
 
@@ -485,6 +487,11 @@ SEGMENT_CHUNKS = None                                     # G; None: _pick_segme
 BWD_CHUNK = {2: 128, 4: 64}
 
 
+def _bwd_q(chunk_size, x):
+    """The backward's own chunk (BWD_CHUNK)."""
+    return min(chunk_size, BWD_CHUNK[x.element_size()])
+
+
 def _sms(device):
     """Streaming multiprocessors (4 for the CPU interpreter: segments get tested there)."""
     return torch.cuda.get_device_properties(device).multi_processor_count \
@@ -555,8 +562,9 @@ def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, chunk_size, bwd_chun
             HAS_INIT=initial_state is not None)
     views = _tma_views((x, B, C, y), ((Q, BP), (Q, BN), (Q, BN), (Q, BP)))
     xv, Bv, Cv, yv = views or (x, B, C, y)
-    # R: forward chunks per backward chunk, the same with and without grad (no recompile)
-    R = max(1, (bwd_chunk or min(chunk_size, BWD_CHUNK[x.element_size()])) // Q)
+    # R: forward chunks per backward chunk, the same with and without grad (no recompile;
+    # without, y stands in for the states' pointer: the same dtype, never written)
+    R = max(1, (bwd_chunk or _bwd_q(chunk_size, x)) // Q)
     nb = triton.cdiv(l, R * Q) if bwd_chunk else 0
     saved = torch.empty(b, nb, h, p, n, device=x.device, dtype=x.dtype) if nb else None
     _scan_kernel[(nseg, b * h, p_tiles)](
@@ -640,7 +648,7 @@ class _SSDTriton(torch.autograd.Function):
         x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
         init = initial_state.float().contiguous() if initial_state is not None else None
         bias = dt_bias.float() if dt_bias is not None else None
-        Q = min(chunk_size, BWD_CHUNK[x.element_size()])           # the backward's own chunk
+        Q = _bwd_q(chunk_size, x)
         y, final, S = _ssd_fwd_triton(x, dt, A.float(), B, C, bias, init, chunk_size,
                                       Q if grad else None)
         ctx.save_for_backward(x, dt, A, B, C, dt_bias, initial_state, S)
