@@ -37,10 +37,11 @@ from util import InputError
 from scan_kernel import HAS_TRITON, tl, triton
 
 # Launch settings per matrix: rows per program (a paired kernel reads BR / 2 pairs), inputs
-# per block, warps; from the sweep in docs/bench_log.md (H100). "qkv": attention's [q k v];
-# "in": Mamba-2's [x B C dt gate]; "mlp": [w1 w3]; "out": W_O; "w2"; "head": the LM head.
-CONFIG = {"qkv": (4, 512, 4), "in": (16, 512, 8), "mlp": (32, 512, 8), "out": (4, 1024, 8),
-          "w2": (4, 4096, 8), "head": (8, 1024, 8)}
+# per block, warps; from the sweep on the H200 (docs/benchmarks.md; the H100's, in
+# docs/bench_log.md, were 4-32 rows and 8 warps). "qkv": attention's [q k v]; "in": Mamba-2's
+# [x B C dt gate]; "mlp": [w1 w3]; "out": W_O; "w2"; "head": the LM head.
+CONFIG = {"qkv": (8, 1024, 8), "in": (8, 512, 4), "mlp": (8, 512, 4), "out": (8, 2048, 4),
+          "w2": (8, 4096, 4), "head": (4, 2048, 4)}
 STEP_BP = 32            # rows of the state per program in the SSM step (scan_kernel._step_kernel)
 # Programmatic dependent launch (Hopper on): each kernel may start while the one before it
 # finishes, and reads its first block of weights before it waits for that kernel's output.

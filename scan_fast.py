@@ -56,7 +56,7 @@ from util import ArgumentParser, InputError, run_cli
 # programs to fill the GPU. _pick_segment chooses G to keep enough programs in flight.
 # The forward runs chunks of at most 64 whatever chunk_size says (the chunk is a schedule, not
 # part of the function: any chunk gives the same y and final state; the backward takes at most
-# 128, BWD_CHUNK) and p-tiles of 64 (docs/kernel_log.md, v4): the scan is bound by the latency
+# 64, BWD_CHUNK) and p-tiles of 64 (docs/kernel_log.md, v4): the scan is bound by the latency
 # of one long chain per program (loads, four small products, exps, state update), not by bytes
 # or tensor-core rate, and with (64, 64) tiles one warpgroup fits in 255 registers: two
 # programs share an SM and hide each other's waits. Tiles move through TMA tensor descriptors
@@ -76,7 +76,9 @@ from util import ArgumentParser, InputError, run_cli
 #     _bwd_dx      a tile of dx, from M = C B^T (decayed) and dS; its tile's shares of dA
 #   _bwd_dt_kernel one program per (chunk, batch*head): sums the shares into ddt and dA
 # No program holds more than one (Q, Q) matrix, one state and one result: the single kernel of
-# v5 held all of them and spilled (the backward is 37% faster split).
+# v5 held all of them and spilled (the backward is 37% faster split). Chunks of 64 with 4 warps
+# (v10): two programs share an SM, one's products hiding the other's loads (21% faster than
+# one program of 8 warps on chunks of 128, for twice the states through memory).
 
 
 @triton.jit
@@ -477,19 +479,24 @@ def _bwd_dt_kernel(dt_ptr, dt_bias_ptr, A_ptr, z_ptr, u_ptr, sds_ptr, ddt_ptr, d
 # Forward: chunks of 64 tokens (or chunk_size if smaller), p-tiles of 64, two programs per SM.
 FWD_CONFIG = dict(Q=64, BP=64, num_warps=4, num_stages=2, programs_per_sm=2)
 STATES_CONFIG = dict(BP=64, BN=64, num_warps=8, num_stages=3, programs_per_sm=2)
+# ... or (64, 128) tiles with 4 warps, where they need no more segments than (64, 64) would:
+# faster at 8 x 2048 (no segments either way) and 1 x 65536 (segments either way), slower
+# where (64, 64) has programs enough without segments and (64, 128) not (4 x 8192). None: off
+STATES_WIDE = dict(BP=64, BN=128, num_warps=4, num_stages=2, programs_per_sm=2)
 SEGMENTS = None                                           # _chunk_states' nseg; None: it decides
-BWD_CONFIG = dict(BN=128, BP=128, num_warps=8, num_stages=1)
+BWD_CONFIG = dict(BN=128, BP=128, num_stages=1)
+BWD_WARPS = {2: 4, 4: 8}                      # by element size: fp32 tiles need twice the registers
 PASS_BLOCK = 512                                          # state entries per _pass_kernel program
 SEGMENT_CHUNKS = None                                     # G; None: _pick_segment decides
-# Backward chunk by input element size: the gradient kernels hold whole (Q, P) and (Q, Q) tiles
-# and a (P, BN) or (BP, N) state tile; at P = N = 128 in bf16 chunks of 128 fit the shared memory
-# (an H100 or H200 has 227 KiB; 256 would not), in fp32 (tf32 products) chunks of 64.
-BWD_CHUNK = {2: 128, 4: 64}
+# The backward's chunk: its programs hold whole (Q, P) and (Q, Q) tiles and a (P, BN) or (BP, N)
+# state tile; at P = N = 128 chunks of 64 let two bf16 programs of 4 warps share an SM (shared
+# memory and registers; chunks of 128 fit one, of 256 none) and fit fp32's (tf32) tiles.
+BWD_CHUNK = 64
 
 
-def _bwd_q(chunk_size, x):
+def _bwd_q(chunk_size):
     """The backward's own chunk (BWD_CHUNK)."""
-    return min(chunk_size, BWD_CHUNK[x.element_size()])
+    return min(chunk_size, BWD_CHUNK)
 
 
 def _sms(device):
@@ -564,7 +571,7 @@ def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, chunk_size, bwd_chun
     xv, Bv, Cv, yv = views or (x, B, C, y)
     # R: forward chunks per backward chunk, the same with and without grad (no recompile;
     # without, y stands in for the states' pointer: the same dtype, never written)
-    R = max(1, (bwd_chunk or _bwd_q(chunk_size, x)) // Q)
+    R = max(1, (bwd_chunk or _bwd_q(chunk_size)) // Q)
     nb = triton.cdiv(l, R * Q) if bwd_chunk else 0
     saved = torch.empty(b, nb, h, p, n, device=x.device, dtype=x.dtype) if nb else None
     _scan_kernel[(nseg, b * h, p_tiles)](
@@ -582,10 +589,17 @@ def _chunk_states(u, v, dt, A, dt_bias, init, Q, reverse, dtype):
     programs are too few for the GPU (long sequences, small batches)."""
     b, l, h, p = u.shape
     n = v.shape[-1]
-    BP, BN = min(STATES_CONFIG["BP"], _pow2(p)), min(STATES_CONFIG["BN"], _pow2(n))
-    c, tiles = triton.cdiv(l, Q), triton.cdiv(p, BP) * triton.cdiv(n, BN)
-    nseg = SEGMENTS if SEGMENTS is not None else \
-        max(1, round(STATES_CONFIG["programs_per_sm"] * _sms(u.device) / (b * h * tiles)))
+    c = triton.cdiv(l, Q)
+
+    def plan(cfg):
+        BP, BN = min(cfg["BP"], _pow2(p)), min(cfg["BN"], _pow2(n))
+        tiles = triton.cdiv(p, BP) * triton.cdiv(n, BN)
+        nseg = SEGMENTS if SEGMENTS is not None else \
+            max(1, round(cfg["programs_per_sm"] * _sms(u.device) / (b * h * tiles)))
+        return cfg, BP, BN, tiles, nseg
+    cfg, BP, BN, tiles, nseg = plan(STATES_CONFIG)
+    if STATES_WIDE is not None and (nseg > 1 or plan(STATES_WIDE)[-1] == 1):
+        cfg, BP, BN, tiles, nseg = plan(STATES_WIDE)
     G = triton.cdiv(c, min(nseg, c))
     nseg = triton.cdiv(c, G)
     out = torch.empty(b, c, h, p, n, device=u.device, dtype=dtype)
@@ -607,7 +621,7 @@ def _chunk_states(u, v, dt, A, dt_bias, init, Q, reverse, dtype):
         u, v, dt, bias, A, init if init is not None else end, out, end, l, h, p, n, c, nseg, G,
         Q=Q, BP=BP, BN=BN, REVERSE=reverse, HAS_BIAS=dt_bias is not None,
         HAS_INIT=init is not None,
-        num_warps=STATES_CONFIG["num_warps"], num_stages=STATES_CONFIG["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, end
 
 
@@ -629,7 +643,7 @@ def _ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, dt_bias, initial_state, Q, S=Non
     u = torch.empty(2 * PT, b, l, h, device=x.device, dtype=torch.float32)  # per p-tile
     sds = torch.empty(PT, b * h, c, device=x.device, dtype=torch.float32)
     bias, has_bias = dt_bias if dt_bias is not None else A, dt_bias is not None
-    warps = dict(num_warps=BWD_CONFIG["num_warps"], num_stages=BWD_CONFIG["num_stages"])
+    warps = dict(num_warps=BWD_WARPS[x.element_size()], num_stages=BWD_CONFIG["num_stages"])
     _bwd_grad_kernel[(c * (2 * NT + PT), b * h)](
         x, dt, bias, A, B, C, dy, S, dS, dB, dC, z, dx, u, sds, l, h, p, n, c, b * l * h,
         Q=Q, BPW=_pow2(p), BN=BN, NT=NT, BP=BP, BNW=_pow2(n), PT=PT, HAS_BIAS=has_bias, **warps)
@@ -640,7 +654,7 @@ def _ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, dt_bias, initial_state, Q, S=Non
 
 class _SSDTriton(torch.autograd.Function):
     """ssd with the Triton kernels. With grad, the forward also keeps the states entering the
-    backward's chunks (in x's dtype: at P = N = Q = 128 the bytes of x again); the backward
+    backward's chunks (in x's dtype: at P = N = 128, Q = 64 twice the bytes of x); the backward
     recomputes only the state gradients."""
 
     @staticmethod
@@ -648,7 +662,7 @@ class _SSDTriton(torch.autograd.Function):
         x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
         init = initial_state.float().contiguous() if initial_state is not None else None
         bias = dt_bias.float() if dt_bias is not None else None
-        Q = _bwd_q(chunk_size, x)
+        Q = _bwd_q(chunk_size)
         y, final, S = _ssd_fwd_triton(x, dt, A.float(), B, C, bias, init, chunk_size,
                                       Q if grad else None)
         ctx.save_for_backward(x, dt, A, B, C, dt_bias, initial_state, S)

@@ -155,12 +155,15 @@ def test_fast_pointer_path_matches_float64(case, monkeypatch):
 
 @needs_interpreter
 @pytest.mark.parametrize("segments", [1, 3])
-def test_fast_backward_tiles_smaller_than_the_head(segments, monkeypatch):
+@pytest.mark.parametrize("wide", [False, True])
+def test_fast_backward_tiles_smaller_than_the_head(segments, wide, monkeypatch):
     # the backward can tile N (dB, dC) and P (dx), summing the log-decays' shares over the
     # tiles, and _states_kernel too: three tiles each way here, the last of N's with 4 of its 8
-    # columns past the end; the state gradients in one sweep or in segments (of 2, 2, 1 chunks)
+    # columns past the end (or, wide, 8 x 16 tiles, as STATES_WIDE's 64 x 128); the state
+    # gradients in one sweep or in segments (of 2, 2, 1 chunks)
     monkeypatch.setattr(sf, "BWD_CONFIG", dict(sf.BWD_CONFIG, BN=8, BP=8))
     monkeypatch.setattr(sf, "STATES_CONFIG", dict(sf.STATES_CONFIG, BN=8, BP=8))
+    monkeypatch.setattr(sf, "STATES_WIDE", dict(sf.STATES_WIDE, BN=16, BP=8) if wide else None)
     monkeypatch.setattr(sf, "SEGMENTS", segments)
     ins = draw(2, 4 * Q + 3, 2, 24, 20, init=True)
     assert_close(fwd_bwd(ins, sk.ssd_quadratic, chunk=Q), 1e-5, "fast, tiles of 8")
@@ -176,6 +179,7 @@ def test_states_for_the_backward(bwd_chunk, segments, monkeypatch):
     monkeypatch.setattr(sf, "FWD_CONFIG", dict(sf.FWD_CONFIG, Q=16))
     monkeypatch.setattr(sf, "SEGMENT_CHUNKS", 3)
     monkeypatch.setattr(sf, "STATES_CONFIG", dict(sf.STATES_CONFIG, BP=8, BN=8))
+    monkeypatch.setattr(sf, "STATES_WIDE", None)
     monkeypatch.setattr(sf, "SEGMENTS", segments)
     ins = draw(2, 4 * 16 * 2 + 7, 2, 24, 20, init=True)
     x, dt, A, B, C, bias, init = (ins[k] for k in NAMES)

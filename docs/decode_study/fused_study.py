@@ -3,6 +3,8 @@
 #   sweep     the launch settings (fused_decode.CONFIG), one matrix kind at a time, whole-step time
 #   pdl       programmatic dependent launch off / on, and the SSM step's rows per program
 #   accuracy  logits of the fused and the PyTorch bf16 step against the model in float64
+#   attention the teacher's attention of one token (PyTorch's scaled_dot_product_attention, as
+#             fused_decode calls it), 32 calls in a CUDA graph, per call against its bytes
 # run on a GPU from the repository root:
 #   python docs/decode_study/fused_study.py [sweep] [pdl] [accuracy]
 # writes docs/decode_study/fused_study.json (or $OUT/fused_study.json)
@@ -98,4 +100,22 @@ if "accuracy" in sys.argv:
               f"PyTorch bf16 {rel(le, lr):.4f}", flush=True)
         del model, ref, fused, eager, want
         torch.cuda.empty_cache()
+    json.dump(log, open(out, "w"), indent=1)
+
+if "attention" in sys.argv:
+    H, Hkv, hd, bf = cfg.n_head, cfg.n_kv_head, cfg.head_dim, torch.bfloat16
+    log["attention"] = []
+    for context in (1024, 8192, 32768, 131072):
+        q = torch.randn(1, H, 1, hd, device=dev, dtype=bf)
+        k, v = (torch.randn(1, Hkv, context, hd, device=dev, dtype=bf) for _ in "kv")
+
+        def layers():                                   # one call per layer, as in a step
+            for _ in range(32):
+                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            return o
+        graph, _ = bench.capture(layers)
+        us = bench.median_ms(graph.replay, 50, True) * 1e3 / 32
+        floor_us = 2 * k.numel() * k.element_size() / bw * 1e6
+        log["attention"].append([context, us, floor_us])
+        print(f"attention at {context}: {us:.1f} us a layer (floor {floor_us:.1f})", flush=True)
     json.dump(log, open(out, "w"), indent=1)

@@ -2,7 +2,8 @@
 shape (16 heads, P = N = 128, bf16, dt raw with dt_bias), beside an earlier version of
 scan_fast.py in the same process, and the state-gradient kernel under other launch settings.
 Whole calls: medians of triton.testing.do_bench, ms, old and new alternating; kernels: the mean
-time of each Triton kernel over 20 calls under torch.profiler. Then the accuracy of both
+time of each Triton kernel over 20 calls under torch.profiler ("other": PyTorch's kernels and
+copies; "sum": all, against the whole call's time). Then the accuracy of both
 against float64 (bf16, three draws; fp32 once). Raw output of this and earlier versions:
 docs/h200/bwd_parts*.log (docs/kernel_log.md says which version wrote which).
 
@@ -44,8 +45,10 @@ def per_kernel(fn, calls=20):
         torch.cuda.synchronize()
     per = collections.defaultdict(float)
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.name.startswith("_"):
-            per[e.name] += e.device_time_total / 1e3 / calls                 # us -> ms per call
+        if e.device_type == torch.autograd.DeviceType.CUDA:             # ours by name, then
+            key = e.name if e.name.startswith("_") else "other"         # PyTorch's and copies
+            per[key] += e.device_time_total / 1e3 / calls               # us -> ms per call
+    per["sum"] = sum(per.values())
     return dict(per)
 
 
@@ -63,7 +66,7 @@ def fwd(mod, ins):
     return run
 
 
-for b, l in ((16, 1024), (8, 2048), (4, 8192), (1, 65536)):
+for b, l in ((16, 1024), (8, 2048), (4, 8192), (2, 16384), (1, 65536)):
     ins, dy = inputs(b, l)
     times = collections.defaultdict(list)
     for _ in range(3):                                                  # alternate old, new
@@ -80,7 +83,7 @@ QUICK = "--quick" in sys.argv
 
 # the state gradients alone (_chunk_states, reverse) under other tiles, warps, stages and
 # programs per SM (which set the segments)
-keep = dict(sf.STATES_CONFIG)
+keep, keep_wide = dict(sf.STATES_CONFIG), sf.STATES_WIDE
 SWEEP = [dict(BP=bp, BN=bn, num_warps=w, num_stages=s, programs_per_sm=pps)
          for bp, bn, w, s in ((64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 2), (64, 64, 8, 3),
                               (32, 64, 4, 3), (128, 128, 8, 2)) for pps in (1, 2, 4)]
@@ -88,8 +91,9 @@ for b, l in () if QUICK else ((8, 2048), (4, 8192), (1, 65536)):
     ins, dy = inputs(b, l)
     args = (dy, ins["C"], ins["dt"], ins["A"], ins["dt_bias"], None, 128, True, torch.bfloat16)
     line = [f"{b}x{l} state gradients:"]
-    for name, mod in list(MODS.items())[1:]:
+    for name, mod in MODS.items():
         line.append(f"{name} {do_bench(lambda: mod._chunk_states(*args)):.3f}")
+    sf.STATES_WIDE = None                                               # the sweep's tiles alone
     for cfg in SWEEP:
         sf.STATES_CONFIG = cfg
         name = "[" + ",".join(str(v) for v in cfg.values()) + "]"
@@ -97,7 +101,7 @@ for b, l in () if QUICK else ((8, 2048), (4, 8192), (1, 65536)):
             line.append(f"{name} {do_bench(lambda: sf._chunk_states(*args)):.3f}")
         except Exception as e:                                          # out of shared memory
             line.append(f"{name} {str(e)[:40]}")
-    sf.STATES_CONFIG = keep
+    sf.STATES_CONFIG, sf.STATES_WIDE = keep, keep_wide
     print("  ".join(line), flush=True)
     del ins, dy
 
