@@ -13,7 +13,8 @@ matmul carries the elementwise work before and after it:
 
     Mamba-2 layer                                    attention layer
     1 RMSNorm -> [x B C dt gate] -> conv, SiLU       1 RMSNorm -> [q k v] -> RoPE -> KV cache
-    2 state update, y = S C  (scan_kernel's step)    2 attention over the cache (PyTorch SDPA)
+    2 state update, y = S C  (scan_kernel's step)    2 attention over the cache (PyTorch SDPA,
+                                                       or split over the keys: ATTENTION)
     3 per-head RMSNorm, gate -> W_O -> + residual    3 W_O -> + residual
     4 RMSNorm -> [w1 w3] -> silu(a) * b              4, 5 the same MLP
     5 w2 -> + residual
@@ -46,6 +47,11 @@ STEP_BP = 32            # rows of the state per program in the SSM step (scan_ke
 # Programmatic dependent launch (Hopper on): each kernel may start while the one before it
 # finishes, and reads its first block of weights before it waits for that kernel's output.
 PDL = True
+# The teacher's attention of one token: "sdpa" (PyTorch's scaled_dot_product_attention) or
+# "split" (_attend_kernel and _combine_kernel). Not yet timed on a GPU against sdpa
+# (docs/bench_log.md, v5): sdpa stays the default until docs/decode_study/fused_study.py has.
+ATTENTION = "sdpa"
+ATTEND_BT = 32          # keys per step of _attend_kernel; its splits: about 2 programs per SM
 
 
 @triton.jit
@@ -161,6 +167,67 @@ def _qkv_kernel(w_ptr, u_ptr, g_ptr, freq_ptr, q_ptr, k_ptr, v_ptr, pos, max_len
 
 
 @triton.jit
+def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, pos, max_len, span, scale,
+                   REP: tl.constexpr, RP: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+                   PDL: tl.constexpr):
+    """Attention of one query, split over the keys (flash-decoding): program (g, s) reads KV
+    head g's keys and values [s * span, (s + 1) * span) up to pos once for the REP query heads
+    that share them (RP: REP to a power of two), keeping a running max m, sum l and unnormalised
+    output per head (online softmax); _combine_kernel merges the splits. At batch 1 one program
+    per head (PyTorch's kernel) leaves most of the GPU idle at short contexts."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()                    # q, and k and v at pos, from _qkv_kernel
+    g, s = tl.program_id(0), tl.program_id(1)
+    r, d = tl.arange(0, RP), tl.arange(0, HD)
+    heads = g * REP + r
+    q = tl.load(q_ptr + heads[:, None] * HD + d[None, :], mask=(r < REP)[:, None],
+                other=0.0).to(tl.float32) * scale                          # (RP, HD)
+    m = tl.full((RP,), float("-inf"), tl.float32)
+    l = tl.zeros((RP,), tl.float32)
+    acc = tl.zeros((RP, HD), tl.float32)
+    base = g.to(tl.int64) * max_len * HD
+    hi = tl.minimum((s + 1) * span, pos + 1)
+    for t0 in range(s * span, hi, BT):
+        t = t0 + tl.arange(0, BT)
+        ok = t < hi
+        kv = base + t[:, None].to(tl.int64) * HD + d[None, :]
+        k = tl.load(k_ptr + kv, mask=ok[:, None], other=0.0).to(tl.float32)       # (BT, HD)
+        score = tl.where(ok[None, :], tl.sum(q[:, None, :] * k[None, :, :], axis=2),
+                         float("-inf"))                                     # (RP, BT)
+        m_new = tl.maximum(m, tl.max(score, axis=1))    # finite: t0 itself is a key
+        p = tl.exp(score - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        v = tl.load(v_ptr + kv, mask=ok[:, None], other=0.0).to(tl.float32)
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m = m_new
+    part = heads * tl.num_programs(1) + s
+    tl.store(m_ptr + part, m, mask=r < REP)
+    tl.store(l_ptr + part, l, mask=r < REP)
+    tl.store(acc_ptr + part[:, None] * HD + d[None, :], acc, mask=(r < REP)[:, None])
+
+
+@triton.jit
+def _combine_kernel(m_ptr, l_ptr, acc_ptr, y_ptr, S, HD: tl.constexpr, BS: tl.constexpr,
+                    PDL: tl.constexpr):
+    """y of one head from _attend_kernel's S splits: each split's sum and output rescaled by
+    exp(its max - the largest), the output divided by the sum (an empty split: max -inf,
+    weight 0)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    h = tl.program_id(0)
+    s, d = tl.arange(0, BS), tl.arange(0, HD)
+    ok = s < S
+    m = tl.load(m_ptr + h * S + s, mask=ok, other=float("-inf"))
+    w = tl.exp(m - tl.max(m, axis=0))
+    l = tl.sum(tl.load(l_ptr + h * S + s, mask=ok, other=0.0) * w, axis=0)
+    acc = tl.load(acc_ptr + (h * S + s)[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0)
+    tl.store(y_ptr + h * HD + d, (tl.sum(acc * w[:, None], axis=0) / l).to(y_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _mamba_in_kernel(w_ptr, u_ptr, g_ptr, conv_ptr, cw_ptr, cb_ptr, out_ptr, N, K, CONV, eps,
                      KC: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     """[x B C dt gate] = W v, v = RMSNorm(u) * g; then the causal conv of width KC and SiLU
@@ -238,6 +305,26 @@ def pack_for_decoding(model):
 # launching: one Decoder per model, one step per token
 
 
+def attend(q, k, v, pos, H, pdl=False):
+    """softmax(q K^T / sqrt(hd)) V of one token's q (H * hd,) over the cache's keys and values
+    (1, Hkv, max_len, hd) at positions 0..pos, query head h on KV head h // (H / Hkv) (as
+    scaled_dot_product_attention's enable_gqa). Returns (H * hd,) in q's dtype."""
+    _, Hkv, max_len, hd = k.shape
+    REP, BT = H // Hkv, ATTEND_BT
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    blocks = triton.cdiv(pos + 1, BT)
+    span = BT * triton.cdiv(blocks, min(blocks, triton.cdiv(2 * sms, Hkv)))
+    S = triton.cdiv(pos + 1, span)
+    m, l = (torch.empty(H, S, device=q.device, dtype=torch.float32) for _ in "ml")
+    acc = torch.empty(H, S, hd, device=q.device, dtype=torch.float32)
+    opts = dict(PDL=pdl) | (dict(launch_pdl=True) if pdl else {})
+    _attend_kernel[(Hkv, S)](q, k, v, m, l, acc, pos, max_len, span, hd ** -0.5, REP=REP,
+                             RP=sk._pow2(REP), HD=hd, BT=BT, **opts)
+    y = torch.empty_like(q)
+    _combine_kernel[(H,)](m, l, acc, y, S, HD=hd, BS=sk._pow2(S), **opts)
+    return y
+
+
 def _settings(kind, K, pdl, GS=1):
     """(BR, BK, launch options) for a matrix of K inputs: BK no wider than K needs, whole heads."""
     BR, BK, warps = CONFIG[kind]
@@ -297,8 +384,11 @@ class Decoder:
         _qkv_kernel[(triton.cdiv((H + 2 * Hkv) * hd // 2, BR // 2),)](
             w, x, norm.weight, freq, q, c["k"], c["v"], pos, c["k"].shape[2], cfg.d_model,
             norm.eps, H=H, HKV=Hkv, HD=hd, BR=BR // 2, BK=BK, **opts)
-        y = F.scaled_dot_product_attention(q.view(1, H, 1, hd), c["k"][:, :, :pos + 1],
-                                           c["v"][:, :, :pos + 1], enable_gqa=True)
+        if ATTENTION == "split":
+            y = attend(q, c["k"], c["v"], pos, H, self.pdl)
+        else:
+            y = F.scaled_dot_product_attention(q.view(1, H, 1, hd), c["k"][:, :, :pos + 1],
+                                               c["v"][:, :, :pos + 1], enable_gqa=True)
         self._linear(m.o_proj.weight, y.reshape(-1), x, "out", residual=True)
 
     def _mamba(self, layer, w, x, c, A, norm_weight):

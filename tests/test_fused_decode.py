@@ -85,6 +85,31 @@ def test_step_matches_float64(case):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("heads,kv_heads,hd,pos", [(4, 2, 16, 0), (4, 2, 16, 31), (4, 2, 16, 32),
+                                                   (6, 2, 32, 257), (8, 1, 16, 150), (2, 2, 16, 8)])
+def test_split_attention_matches_float64(heads, kv_heads, hd, pos):
+    # fused_decode.attend (the split-KV kernels) against scaled_dot_product_attention in
+    # float64: one key (pos 0), a block of keys exactly full (31) and one past it (32), three
+    # query heads a KV head (padded to 4), one KV head for 8, no grouping; several splits
+    # (the CPU counts as 4 SMs: 2 to 4 splits here), the cache longer than pos
+    torch.manual_seed(pos)
+    q = torch.randn(heads * hd)
+    k, v = (torch.randn(1, kv_heads, pos + 9, hd) for _ in "kv")
+    got = fd.attend(q, k, v, pos, heads)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double().view(1, heads, 1, hd), k.double()[:, :, :pos + 1], v.double()[:, :, :pos + 1],
+        enable_gqa=True).reshape(-1)
+    assert rel(got, want) < 1e-6, rel(got, want)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", ["attention-mamba-attention", "embedding-stack"])
+def test_step_with_split_attention(case, monkeypatch):
+    monkeypatch.setattr(fd, "ATTENTION", "split")
+    test_step_matches_float64(case)
+
+
+@needs_interpreter
 def test_greedy_decoding_matches_generate():
     model = random_model(replace(BASE, layout="MAM"), seed=1)
     prompt = torch.randint(6, BASE.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
@@ -119,10 +144,11 @@ def test_clear_errors(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("layout", ["AM", "MA"])
-def test_gpu_bf16_paper_shapes_in_a_graph(layout):
+@pytest.mark.parametrize("layout,attention", [("AM", "sdpa"), ("MA", "sdpa"), ("AM", "split")])
+def test_gpu_bf16_paper_shapes_in_a_graph(layout, attention, monkeypatch):
     # bf16 against float64: at least as close as the PyTorch step in bf16 (the fused kernels
     # keep fp32 between the matmuls where PyTorch rounds to bf16 after every op)
+    monkeypatch.setattr(fd, "ATTENTION", attention)
     cfg = replace(Config(n_layer=2, d_model=2048, n_head=16, n_kv_head=8, head_dim=128, d_mlp=8192,
                          vocab_size=32003, max_seq_len=4096, rope_theta=1e6), layout=layout)
     model = random_model(cfg, "cuda", torch.bfloat16)

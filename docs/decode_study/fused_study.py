@@ -3,8 +3,9 @@
 #   sweep     the launch settings (fused_decode.CONFIG), one matrix kind at a time, whole-step time
 #   pdl       programmatic dependent launch off / on, and the SSM step's rows per program
 #   accuracy  logits of the fused and the PyTorch bf16 step against the model in float64
-#   attention the teacher's attention of one token (PyTorch's scaled_dot_product_attention, as
-#             fused_decode calls it), 32 calls in a CUDA graph, per call against its bytes
+#   attention the teacher's attention of one token, PyTorch's scaled_dot_product_attention and
+#             fused_decode.attend (split over the keys), 32 calls in a CUDA graph, per call
+#             against its bytes; then the teacher's whole step with each (fused_decode.ATTENTION)
 # run on a GPU from the repository root:
 #   python docs/decode_study/fused_study.py [sweep] [pdl] [accuracy]
 # writes docs/decode_study/fused_study.json (or $OUT/fused_study.json)
@@ -103,19 +104,36 @@ if "accuracy" in sys.argv:
     json.dump(log, open(out, "w"), indent=1)
 
 if "attention" in sys.argv:
+    # one layer's attention, 32 calls in a CUDA graph: PyTorch's SDPA (fused_decode.ATTENTION
+    # "sdpa") and our split-KV kernels ("split"), then the teacher's whole step either way
     H, Hkv, hd, bf = cfg.n_head, cfg.n_kv_head, cfg.head_dim, torch.bfloat16
     log["attention"] = []
+    ways = {"sdpa": lambda q, k, v, pos: torch.nn.functional.scaled_dot_product_attention(
+                q.view(1, H, 1, hd), k[:, :, :pos + 1], v[:, :, :pos + 1], enable_gqa=True),
+            "split": lambda q, k, v, pos: fd.attend(q, k, v, pos, H)}
     for context in (1024, 8192, 32768, 131072):
-        q = torch.randn(1, H, 1, hd, device=dev, dtype=bf)
-        k, v = (torch.randn(1, Hkv, context, hd, device=dev, dtype=bf) for _ in "kv")
-
-        def layers():                                   # one call per layer, as in a step
-            for _ in range(32):
-                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-            return o
-        graph, _ = bench.capture(layers)
-        us = bench.median_ms(graph.replay, 50, True) * 1e3 / 32
+        q = torch.randn(H * hd, device=dev, dtype=bf)
+        k, v = (torch.randn(1, Hkv, context + 1, hd, device=dev, dtype=bf) for _ in "kv")
+        want = ways["sdpa"](q, k, v, context).reshape(-1)
         floor_us = 2 * k.numel() * k.element_size() / bw * 1e6
-        log["attention"].append([context, us, floor_us])
-        print(f"attention at {context}: {us:.1f} us a layer (floor {floor_us:.1f})", flush=True)
+        row = {"context": context, "floor_us": floor_us}
+        for way, fn in ways.items():
+            def layers(fn=fn):                          # one call per layer, as in a step
+                for _ in range(32):
+                    o = fn(q, k, v, context)
+                return o
+            graph, _ = bench.capture(layers)
+            row[way + "_us"] = bench.median_ms(graph.replay, 50, True) * 1e3 / 32
+            row[way + "_err"] = rel(fn(q, k, v, context).reshape(-1).float(), want.float())
+        print(f"attention at {context}: " + ", ".join(
+            f"{k} {v:.3g}" for k, v in row.items() if k != "context"), flush=True)
+        log["attention"].append(row)
+    teacher = bench.build(cfg, "teacher", dev, torch.bfloat16)
+    for context in (1024, 8192, 32768, 131072):
+        for way in ("sdpa", "split"):
+            fd.ATTENTION = way
+            ms = step_ms(teacher, context)
+            log["attention"].append(["teacher step", context, way, ms])
+            print(f"teacher step at {context}, {way}: {ms:.4f} ms "
+                  f"(floor {floor_ms(teacher, context):.4f})", flush=True)
     json.dump(log, open(out, "w"), indent=1)
