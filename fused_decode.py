@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import scan_kernel as sk
+from scan_fast import _sms
 from mmmamba import Attention
 from util import InputError
 from scan_kernel import HAS_TRITON, tl, triton
@@ -311,13 +312,12 @@ def attend(q, k, v, pos, H, pdl=False):
     scaled_dot_product_attention's enable_gqa). Returns (H * hd,) in q's dtype."""
     _, Hkv, max_len, hd = k.shape
     REP, BT = H // Hkv, ATTEND_BT
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     blocks = triton.cdiv(pos + 1, BT)
-    span = BT * triton.cdiv(blocks, min(blocks, triton.cdiv(2 * sms, Hkv)))
+    span = BT * triton.cdiv(blocks, min(blocks, triton.cdiv(2 * _sms(q.device), Hkv)))
     S = triton.cdiv(pos + 1, span)
     m, l = (torch.empty(H, S, device=q.device, dtype=torch.float32) for _ in "ml")
     acc = torch.empty(H, S, hd, device=q.device, dtype=torch.float32)
-    opts = dict(PDL=pdl) | (dict(launch_pdl=True) if pdl else {})
+    opts = _launch(pdl)
     _attend_kernel[(Hkv, S)](q, k, v, m, l, acc, pos, max_len, span, hd ** -0.5, REP=REP,
                              RP=sk._pow2(REP), HD=hd, BT=BT, **opts)
     y = torch.empty_like(q)
@@ -328,8 +328,12 @@ def attend(q, k, v, pos, H, pdl=False):
 def _settings(kind, K, pdl, GS=1):
     """(BR, BK, launch options) for a matrix of K inputs: BK no wider than K needs, whole heads."""
     BR, BK, warps = CONFIG[kind]
-    opts = dict(num_warps=warps, PDL=pdl) | (dict(launch_pdl=True) if pdl else {})
-    return BR, max(min(BK, sk._pow2(K)), GS), opts
+    return BR, max(min(BK, sk._pow2(K)), GS), dict(num_warps=warps) | _launch(pdl)
+
+
+def _launch(pdl):
+    """The PDL flag every kernel here takes, and the launch option that enables it."""
+    return dict(PDL=pdl) | (dict(launch_pdl=True) if pdl else {})
 
 
 class Decoder:

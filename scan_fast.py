@@ -597,9 +597,9 @@ def _chunk_states(u, v, dt, A, dt_bias, init, Q, reverse, dtype):
         nseg = SEGMENTS if SEGMENTS is not None else \
             max(1, round(cfg["programs_per_sm"] * _sms(u.device) / (b * h * tiles)))
         return cfg, BP, BN, tiles, nseg
-    cfg, BP, BN, tiles, nseg = plan(STATES_CONFIG)
-    if STATES_WIDE is not None and (nseg > 1 or plan(STATES_WIDE)[-1] == 1):
-        cfg, BP, BN, tiles, nseg = plan(STATES_WIDE)
+    narrow = plan(STATES_CONFIG)
+    wide = plan(STATES_WIDE) if STATES_WIDE is not None else None
+    cfg, BP, BN, tiles, nseg = wide if wide and (narrow[-1] > 1 or wide[-1] == 1) else narrow
     G = triton.cdiv(c, min(nseg, c))
     nseg = triton.cdiv(c, G)
     out = torch.empty(b, c, h, p, n, device=u.device, dtype=dtype)
