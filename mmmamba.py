@@ -144,9 +144,14 @@ def rope(x, pos, theta):
     """Rotary position embedding (rotate-half form). x: (B, nh, T, hd); pos: first position.
     The angles are cached on the CPU only: a GPU step may be recorded into a CUDA graph, whose
     kernels do not run while it records (a tensor cached then would hold no values yet)."""
-    xf = _up(x)
     make = rope_angles if x.device.type == "cpu" else angles
-    cos, sin = make(x.shape[-2], x.shape[-1], pos, theta, xf.dtype, x.device)
+    return rotate(x, *make(x.shape[-2], x.shape[-1], pos, theta,
+                           torch.promote_types(x.dtype, torch.float32), x.device))
+
+
+def rotate(x, cos, sin):
+    """x's pairs (i, i + hd/2) turned by the angles, in at least fp32 (as _up)."""
+    xf = _up(x)
     x1, x2 = xf.chunk(2, dim=-1)
     return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)      # rotate half
 
@@ -182,8 +187,7 @@ class Attention(nn.Module):
 
     def new_cache(self, batch, max_len, device, dtype):
         shape = (batch, self.cfg.n_kv_head, max_len, self.cfg.head_dim)
-        return {"k": torch.zeros(shape, device=device, dtype=dtype),
-                "v": torch.zeros(shape, device=device, dtype=dtype)}
+        return {name: torch.zeros(shape, device=device, dtype=dtype) for name in ("k", "v")}
 
     def mix(self, u, pos=0, cache=None):
         cfg, (B, T, _) = self.cfg, u.shape

@@ -224,7 +224,8 @@ def test_padded_head_gives_the_same_logits(vocab):
 def test_compiled_pieces_are_their_references(K, T):
     """The functions fuse_elementwise compiles, uncompiled (no compiler needed here): the
     depthwise conv as shifted multiply-adds is F.conv1d(groups=C), float64; the masked squared
-    error is distill's masked MSE sum; the split into heads is Mamba2.heads."""
+    error is distill's masked MSE sum; the split into heads is Mamba2.heads; RoPE from the kept
+    angles is mmmamba.rope."""
     torch.manual_seed(K * T)
     C = 6
     conv = torch.nn.Conv1d(C, C, K, groups=C).double()
@@ -235,6 +236,11 @@ def test_compiled_pieces_are_their_references(K, T):
     want = mixer.heads(xBC)
     got = train_fast._heads(xBC, MICRO.n_head, MICRO.n_kv_head, MICRO.head_dim)
     assert all(g.is_contiguous() and torch.equal(g, w) for g, w in zip(got, want))
+    q = torch.randn(2, 3, T, 8, dtype=torch.float64)                   # RoPE from kept angles
+    kept = train_fast._angles(T, 8, K, 300.0, torch.float64, q.device)
+    assert kept[0] is train_fast._angles(T, 8, K, 300.0, torch.float64, q.device)[0]
+    assert torch.equal(mmmamba.rotate(q, *kept), mmmamba.rope(q, K, 300.0))
+    assert not torch.equal(mmmamba.rotate(q, *kept), mmmamba.rope(q, K + 1, 300.0))
     a, b = torch.randn(3, T, 8), torch.randn(3, T, 8)
     real = torch.rand(3, T) < 0.7
     want = torch.nn.functional.mse_loss(a[real], b[real], reduction="sum")
@@ -308,3 +314,38 @@ def test_gpu_graph_step_is_the_eager_step(stage):
     assert all(abs(a - b) <= 2e-2 * abs(a) for a, b in zip(l_e, l_g)), (l_e, l_g)
     assert d_e.norm() > 0
     assert rel(d_g, d_e) <= 3 * rel(d_e2, d_e) + 1e-3, (rel(d_g, d_e), rel(d_e2, d_e))
+
+
+@needs_cuda
+@pytest.mark.parametrize("stage", [1, 3])
+def test_gpu_compiled_pieces_are_the_eager_step(world, stage):
+    """fuse_elementwise's compiled pieces (RoPE from kept angles among them; the hybrid student
+    has attention layers, so RoPE's backward runs too) give the eager step's loss and
+    gradients under bf16 autocast; RoPE's angles are not kept while a CUDA graph records."""
+    train, tok, teacher, student = world
+    dev = torch.device("cuda")
+    teacher, student = (m.to(dev) for m in (teacher, student))
+    for m in (teacher, student):
+        train_fast.graph_safe(m)
+    distill.freeze_for(student, stage)
+    batch = train_fast.Batches(tok, MICRO)(train[:5], dev)
+    params = [p for p in student.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        with torch.autocast("cuda", torch.bfloat16):
+            total, count = train_fast.stage_loss(stage, teacher, student, *batch)
+        grads = torch.autograd.grad(total / count, params)
+        return (total / count).item(), torch.cat([g.flatten().float() for g in grads])
+    (l_e, g_e), undo = loss_and_grads(), train_fast.fuse_elementwise([teacher, student])
+    try:
+        l_c, g_c = loss_and_grads()
+        kept = train_fast._kept_angles.cache_info().currsize
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            train_fast._angles(7, 8, 0, 123.0, torch.float32, dev)
+        assert train_fast._kept_angles.cache_info().currsize == kept > 0
+    finally:
+        undo()
+    assert mmmamba.rope is not None and train_fast.SQ_ERR is train_fast._sq_err
+    assert abs(l_c - l_e) <= 1e-2 * abs(l_e) and g_e.norm() > 0
+    assert rel(g_c, g_e) < 3e-2, rel(g_c, g_e)
