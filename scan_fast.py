@@ -561,8 +561,7 @@ def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, chunk_size, bwd_chun
         _state_kernel[(nseg - 1, b * h, p_tiles)](                      # not the last segment
             *(views or (x, B)), dt, bias, A, states, segdecay, l, h, p, n, nseg, G * Q // QS,
             Q=QS, BP=BP, BN=BN, REVERSE=False, HAS_BIAS=dt_bias is not None,
-            TMA=views is not None,
-            num_warps=warps, num_stages=stages)
+            TMA=views is not None, num_warps=warps, num_stages=stages)
         _pass_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
             states, segdecay, initial_state if initial_state is not None else final,
             h, p * n, nseg, BLOCK=PASS_BLOCK, REVERSE=False,
@@ -605,13 +604,14 @@ def _chunk_states(u, v, dt, A, dt_bias, init, Q, reverse, dtype):
     out = torch.empty(b, c, h, p, n, device=u.device, dtype=dtype)
     end = torch.empty(b, h, p, n, device=u.device, dtype=torch.float32)
     bias = dt_bias if dt_bias is not None else A
-    if nseg > 1:
+    if nseg > 1:                       # two chunks a step where it can, as the forward's
+        QS = 2 * Q if G % 2 == 0 and u.element_size() <= 2 else Q
         BPS = min(FWD_CONFIG["BP"], _pow2(p))
         segs = torch.empty(b, nseg, h, p, n, device=u.device, dtype=torch.float32)
         segdecay = torch.empty(b, h, nseg, device=u.device, dtype=torch.float32)
         _state_kernel[(nseg - 1, b * h, triton.cdiv(p, BPS))](
-            u, v, dt, bias, A, segs, segdecay, l, h, p, n, nseg, G, Q=Q, BP=BPS, BN=_pow2(n),
-            REVERSE=reverse, HAS_BIAS=dt_bias is not None, TMA=False,
+            u, v, dt, bias, A, segs, segdecay, l, h, p, n, nseg, G * Q // QS, Q=QS, BP=BPS,
+            BN=_pow2(n), REVERSE=reverse, HAS_BIAS=dt_bias is not None, TMA=False,
             num_warps=FWD_CONFIG["num_warps"], num_stages=FWD_CONFIG["num_stages"])
         _pass_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
             segs, segdecay, init if init is not None else end, h, p * n, nseg,

@@ -196,6 +196,24 @@ def test_states_for_the_backward(bwd_chunk, segments, monkeypatch):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("segments", [2, 3])
+def test_state_gradients_two_chunks_a_step(segments, monkeypatch):
+    """In 16-bit inputs the backward's segment kernel (_state_kernel in reverse) steps two
+    chunks at a time where a segment has an even number (12 chunks of 16 in 2 or 3 segments):
+    the state gradients of fp32 on the same values, which step one chunk at a time."""
+    monkeypatch.setattr(sf, "STATES_CONFIG", dict(sf.STATES_CONFIG, BP=8, BN=8))
+    monkeypatch.setattr(sf, "STATES_WIDE", None)
+    monkeypatch.setattr(sf, "SEGMENTS", segments)
+    ins = draw(2, 16 * 11 + 5, 2, 24, 20, init=True)
+    dy, C, dt = (t.half() for t in (torch.randn_like(ins["x"]), ins["C"], ins["dt"]))
+    args = ins["A"], ins["dt_bias"], ins["initial_state"], 16, True, torch.float32
+    half = sf._chunk_states(dy, C, dt, *args)
+    full = sf._chunk_states(dy.float(), C.float(), dt.float(), *args)
+    errs = [rel(a, b) for a, b in zip(half, full)]
+    assert all(e < 3e-3 for e in errs), errs    # fp16 rounds u * decay before each product
+
+
+@needs_interpreter
 @pytest.mark.parametrize("segment", [None, 3])
 def test_fast_strong_decay(segment, monkeypatch):
     monkeypatch.setattr(sf, "SEGMENT_CHUNKS", segment)
@@ -345,6 +363,20 @@ def test_gpu_every_chunk_size(chunk):
     if chunk == 256:                                                    # fp32 too, once
         ins = {k: v.float() for k, v in ins.items()}
         assert_close(fwd_bwd(ins, sk.ssd_chunked, chunk=chunk), 5e-3, "fp32, chunk_size=256")
+
+
+@needs_cuda
+def test_gpu_state_gradients_two_chunks_a_step(monkeypatch):
+    """test_state_gradients_two_chunks_a_step compiled, bf16 at the mmMamba shape: 12 chunks of
+    64 in 3 segments (4 chunks each, two a step) against fp32 on the same values."""
+    monkeypatch.setattr(sf, "SEGMENTS", 3)
+    ins = sf._random_inputs(2, 64 * 11 + 5, 16, 128, 128, torch.bfloat16, "cuda")
+    dy = torch.randn_like(ins["x"])
+    args = ins["A"], ins["dt_bias"], None, 64, True, torch.float32
+    half = sf._chunk_states(dy, ins["C"], ins["dt"], *args)
+    full = sf._chunk_states(dy.float(), ins["C"].float(), ins["dt"].float(), *args)
+    errs = [rel(a, b) for a, b in zip(half, full)]
+    assert all(e < 1e-2 for e in errs), errs
 
 
 @needs_cuda
