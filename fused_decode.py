@@ -49,10 +49,12 @@ STEP_BP = 32            # rows of the state per program in the SSM step (scan_ke
 # finishes, and reads its first block of weights before it waits for that kernel's output.
 PDL = True
 # The teacher's attention of one token: "sdpa" (PyTorch's scaled_dot_product_attention) or
-# "split" (_attend_kernel and _combine_kernel). Not yet timed on a GPU against sdpa
-# (docs/bench_log.md, v5): sdpa stays the default until docs/decode_study/fused_study.py has.
-ATTENTION = "sdpa"
-ATTEND_BT = 32          # keys per step of _attend_kernel; its splits: about 2 programs per SM
+# "split" (_attend_kernel and _combine_kernel) over fewer than SPLIT_KEYS keys, sdpa beyond:
+# on the H200 (docs/decode_study/fused_study.py attention, docs/benchmarks.md) the teacher's
+# step took 1.51 against 1.59 ms at 1K, 1.79 against 1.84 at 8K, but 2.66 against 2.54 at 32K.
+ATTENTION = "split"
+SPLIT_KEYS = 16384
+ATTEND_BT = 64          # keys per step of _attend_kernel; its splits: about 2 programs per SM
 
 
 @triton.jit
@@ -173,9 +175,11 @@ def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, pos, max_len, spa
                    PDL: tl.constexpr):
     """Attention of one query, split over the keys (flash-decoding): program (g, s) reads KV
     head g's keys and values [s * span, (s + 1) * span) up to pos once for the REP query heads
-    that share them (RP: REP to a power of two), keeping a running max m, sum l and unnormalised
-    output per head (online softmax); _combine_kernel merges the splits. At batch 1 one program
-    per head (PyTorch's kernel) leaves most of the GPU idle at short contexts."""
+    that share them, keeping a running max m, sum l and unnormalised output per head (online
+    softmax); _combine_kernel merges the splits. The REP heads' rows are padded to RP (at least
+    16) so both products go to the tensor cores: (RP, HD) @ (HD, BT), then (RP, BT) @ (BT, HD).
+    At batch 1 one program per head (PyTorch's kernel) leaves most of the GPU idle at short
+    contexts."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()                    # q, and k and v at pos, from _qkv_kernel
@@ -183,7 +187,7 @@ def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, pos, max_len, spa
     r, d = tl.arange(0, RP), tl.arange(0, HD)
     heads = g * REP + r
     q = tl.load(q_ptr + heads[:, None] * HD + d[None, :], mask=(r < REP)[:, None],
-                other=0.0).to(tl.float32) * scale                          # (RP, HD)
+                other=0.0)                                                  # (RP, HD)
     m = tl.full((RP,), float("-inf"), tl.float32)
     l = tl.zeros((RP,), tl.float32)
     acc = tl.zeros((RP, HD), tl.float32)
@@ -193,15 +197,15 @@ def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, pos, max_len, spa
         t = t0 + tl.arange(0, BT)
         ok = t < hi
         kv = base + t[:, None].to(tl.int64) * HD + d[None, :]
-        k = tl.load(k_ptr + kv, mask=ok[:, None], other=0.0).to(tl.float32)       # (BT, HD)
-        score = tl.where(ok[None, :], tl.sum(q[:, None, :] * k[None, :, :], axis=2),
+        k = tl.load(k_ptr + kv, mask=ok[:, None], other=0.0)                # (BT, HD)
+        score = tl.where(ok[None, :], tl.dot(q, tl.trans(k)).to(tl.float32) * scale,
                          float("-inf"))                                     # (RP, BT)
         m_new = tl.maximum(m, tl.max(score, axis=1))    # finite: t0 itself is a key
         p = tl.exp(score - m_new[:, None])
         alpha = tl.exp(m - m_new)
-        v = tl.load(v_ptr + kv, mask=ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + kv, mask=ok[:, None], other=0.0)
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m = m_new
     part = heads * tl.num_programs(1) + s
     tl.store(m_ptr + part, m, mask=r < REP)
@@ -319,7 +323,7 @@ def attend(q, k, v, pos, H, pdl=False):
     acc = torch.empty(H, S, hd, device=q.device, dtype=torch.float32)
     opts = _launch(pdl)
     _attend_kernel[(Hkv, S)](q, k, v, m, l, acc, pos, max_len, span, hd ** -0.5, REP=REP,
-                             RP=sk._pow2(REP), HD=hd, BT=BT, **opts)
+                             RP=max(16, sk._pow2(REP)), HD=hd, BT=BT, **opts)
     y = torch.empty_like(q)
     _combine_kernel[(H,)](m, l, acc, y, S, HD=hd, BS=sk._pow2(S), **opts)
     return y
@@ -388,7 +392,7 @@ class Decoder:
         _qkv_kernel[(triton.cdiv((H + 2 * Hkv) * hd // 2, BR // 2),)](
             w, x, norm.weight, freq, q, c["k"], c["v"], pos, c["k"].shape[2], cfg.d_model,
             norm.eps, H=H, HKV=Hkv, HD=hd, BR=BR // 2, BK=BK, **opts)
-        if ATTENTION == "split":
+        if ATTENTION == "split" and pos < SPLIT_KEYS:
             y = attend(q, c["k"], c["v"], pos, H, self.pdl)
         else:
             y = F.scaled_dot_product_attention(q.view(1, H, 1, hd), c["k"][:, :, :pos + 1],

@@ -6,8 +6,9 @@
 #   attention the teacher's attention of one token, PyTorch's scaled_dot_product_attention and
 #             fused_decode.attend (split over the keys), 32 calls in a CUDA graph, per call
 #             against its bytes; then the teacher's whole step with each (fused_decode.ATTENTION)
+#   attention-bt  the split kernel's keys per step (fused_decode.ATTEND_BT) 32 / 64 / 128
 # run on a GPU from the repository root:
-#   python docs/decode_study/fused_study.py [sweep] [pdl] [accuracy]
+#   python docs/decode_study/fused_study.py [sweep] [pdl] [accuracy] [attention] [attention-bt]
 # writes docs/decode_study/fused_study.json (or $OUT/fused_study.json)
 import copy, json, os, sys, time
 sys.path[:0] = [".", "tests"]
@@ -131,9 +132,26 @@ if "attention" in sys.argv:
     teacher = bench.build(cfg, "teacher", dev, torch.bfloat16)
     for context in (1024, 8192, 32768, 131072):
         for way in ("sdpa", "split"):
-            fd.ATTENTION = way
+            fd.ATTENTION, fd.SPLIT_KEYS = way, 1 << 40       # split at every context
             ms = step_ms(teacher, context)
             log["attention"].append(["teacher step", context, way, ms])
             print(f"teacher step at {context}, {way}: {ms:.4f} ms "
                   f"(floor {floor_ms(teacher, context):.4f})", flush=True)
     json.dump(log, open(out, "w"), indent=1)
+
+if "attention-bt" in sys.argv:
+    # fused_decode.attend alone, 32 calls in a CUDA graph, us a call (docs/h200/attend_bt_11.log)
+    H, Hkv, hd, bf = cfg.n_head, cfg.n_kv_head, cfg.head_dim, torch.bfloat16
+    for context in (1024, 8192, 32768, 131072):
+        q = torch.randn(H * hd, device=dev, dtype=bf)
+        k, v = (torch.randn(1, Hkv, context + 1, hd, device=dev, dtype=bf) for _ in "kv")
+        row = [f"{context}: floor {2 * k.numel() * k.element_size() / bw * 1e6:.2f}"]
+        for BT in (32, 64, 128):
+            fd.ATTEND_BT = BT
+            def layers():
+                for _ in range(32):
+                    o = fd.attend(q, k, v, context, H)
+                return o
+            graph, _ = bench.capture(layers)
+            row.append(f"BT {BT} {bench.median_ms(graph.replay, 50, True) * 1e3 / 32:.2f}")
+        print("  ".join(row), flush=True)
