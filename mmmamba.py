@@ -142,9 +142,9 @@ rope_angles = functools.lru_cache(maxsize=64)(angles)  # every layer's q, k: the
 
 def rope(x, pos, theta):
     """Rotary position embedding (rotate-half form). x: (B, nh, T, hd); pos: first position.
-    The angles are cached on the CPU only: a GPU step may be recorded into a CUDA graph, whose
-    kernels do not run while it records (a tensor cached then would hold no values yet)."""
-    make = rope_angles if x.device.type == "cpu" else angles
+    The angles are kept (every layer's q and k use the same), except while a CUDA graph records:
+    its kernels do not run then, so a tensor kept would hold no values yet."""
+    make = angles if x.is_cuda and torch.cuda.is_current_stream_capturing() else rope_angles
     return rotate(x, *make(x.shape[-2], x.shape[-1], pos, theta,
                            torch.promote_types(x.dtype, torch.float32), x.device))
 

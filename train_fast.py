@@ -19,7 +19,6 @@ tests/test_train_fast.py checks it against the plain loop. What changes, and why
                (softmax(s) - softmax(t)), so no fp32 (tokens, vocabulary) tensor is kept for
                the backward: at the paper preset those are 6 GB each
 """
-import functools
 import math
 import time
 
@@ -206,34 +205,19 @@ def _heads(xBC, H, Hkv, hd):
             Cm.contiguous())
 
 
-@functools.lru_cache(maxsize=64)
-def _kept_angles(T, hd, pos, theta, dtype, device):
-    return mmmamba.angles(T, hd, pos, theta, dtype, device)
-
-
-def _angles(T, hd, pos, theta, dtype, device):
-    """mmmamba.angles made once per (length, position, base) and kept: every layer's q and k
-    rotate by the same angles. Compiled into the rotation, they were recomputed per element
-    of q and k (a sine and a cosine each: 10 ms of a paper-preset step). Not kept while a CUDA
-    graph records: its tensors hold no values until it replays."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return mmmamba.angles(T, hd, pos, theta, dtype, device)
-    return _kept_angles(T, hd, pos, theta, dtype, device)
-
-
 def fuse_elementwise(models):
     """torch.compile the elementwise work around the matmuls (RMSNorm, the gated norm, SwiGLU,
-    RoPE, the depthwise conv, the split into heads, stage 1-2's squared error): eager PyTorch
-    runs each of their fp32 steps as its own pass over a (tokens, width) tensor. Instance
-    attributes, mmmamba.rope and SQ_ERR replaced; returns a function undoing it."""
+    RoPE's rotation, the depthwise conv, the split into heads, stage 1-2's squared error): eager
+    PyTorch runs each of their fp32 steps as its own pass over a (tokens, width) tensor. Instance
+    attributes, mmmamba.rotate and SQ_ERR replaced; returns a function undoing it."""
     global SQ_ERR
     rms, gated, swiglu, conv, heads = (torch.compile(f)
                                        for f in (_rms, _gated, _swiglu, _dwconv, _heads))
-    rope, rotate, patched = mmmamba.rope, torch.compile(mmmamba.rotate), []
-    mmmamba.rope = lambda x, pos, theta: rotate(x, *_angles(
-        x.shape[-2], x.shape[-1], pos, theta, torch.promote_types(x.dtype, torch.float32),
-        x.device))
-    SQ_ERR = torch.compile(_sq_err)
+    # RoPE: only the rotation compiled; mmmamba.rope keeps its angles. Compiled whole, the
+    # angles were recomputed per element of q and k (a sine and a cosine each: 10 ms of a
+    # paper-preset step)
+    rotate, patched = mmmamba.rotate, []
+    mmmamba.rotate, SQ_ERR = torch.compile(rotate), torch.compile(_sq_err)
     for model in models:
         for m in model.modules():
             if isinstance(m, nn.Conv1d):
@@ -254,7 +238,7 @@ def fuse_elementwise(models):
 
     def undo():
         global SQ_ERR
-        mmmamba.rope, SQ_ERR = rope, _sq_err
+        mmmamba.rotate, SQ_ERR = rotate, _sq_err
         for m, name in patched:
             delattr(m, name)
     return undo

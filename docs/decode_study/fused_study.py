@@ -39,6 +39,23 @@ def step_ms(model, context, pdl=None, iters=40):
     return bench.median_ms(graph.replay, iters, True)
 
 
+def random_qkv(context):
+    """One token's q (H * hd,) and a cache's k, v (1, Hkv, context + 1, hd), bf16."""
+    q = torch.randn(cfg.n_head * cfg.head_dim, device=dev, dtype=torch.bfloat16)
+    return (q,) + tuple(torch.randn(1, cfg.n_kv_head, context + 1, cfg.head_dim, device=dev,
+                                    dtype=torch.bfloat16) for _ in "kv")
+
+
+def attention_us(fn, q, k, v, context, calls=32):
+    """us a call of fn(q, k, v, context), `calls` calls (one per layer, as in a step) in a graph."""
+    def layers():
+        for _ in range(calls):
+            o = fn(q, k, v, context)
+        return o
+    graph, _ = bench.capture(layers)
+    return bench.median_ms(graph.replay, 50, True) * 1e3 / calls
+
+
 def floor_ms(model, context):
     return (bench.weight_bytes(model) + bench.state_bytes(model, context)) / bw * 1e3
 
@@ -107,24 +124,18 @@ if "accuracy" in sys.argv:
 if "attention" in sys.argv:
     # one layer's attention, 32 calls in a CUDA graph: PyTorch's SDPA (fused_decode.ATTENTION
     # "sdpa") and our split-KV kernels ("split"), then the teacher's whole step either way
-    H, Hkv, hd, bf = cfg.n_head, cfg.n_kv_head, cfg.head_dim, torch.bfloat16
+    H, hd = cfg.n_head, cfg.head_dim
     log["attention"] = []
     ways = {"sdpa": lambda q, k, v, pos: torch.nn.functional.scaled_dot_product_attention(
                 q.view(1, H, 1, hd), k[:, :, :pos + 1], v[:, :, :pos + 1], enable_gqa=True),
             "split": lambda q, k, v, pos: fd.attend(q, k, v, pos, H)}
     for context in (1024, 8192, 32768, 131072):
-        q = torch.randn(H * hd, device=dev, dtype=bf)
-        k, v = (torch.randn(1, Hkv, context + 1, hd, device=dev, dtype=bf) for _ in "kv")
+        q, k, v = random_qkv(context)
         want = ways["sdpa"](q, k, v, context).reshape(-1)
         floor_us = 2 * k.numel() * k.element_size() / bw * 1e6
         row = {"context": context, "floor_us": floor_us}
         for way, fn in ways.items():
-            def layers(fn=fn):                          # one call per layer, as in a step
-                for _ in range(32):
-                    o = fn(q, k, v, context)
-                return o
-            graph, _ = bench.capture(layers)
-            row[way + "_us"] = bench.median_ms(graph.replay, 50, True) * 1e3 / 32
+            row[way + "_us"] = attention_us(fn, q, k, v, context)
             row[way + "_err"] = rel(fn(q, k, v, context).reshape(-1).float(), want.float())
         print(f"attention at {context}: " + ", ".join(
             f"{k} {v:.3g}" for k, v in row.items() if k != "context"), flush=True)
@@ -140,18 +151,13 @@ if "attention" in sys.argv:
     json.dump(log, open(out, "w"), indent=1)
 
 if "attention-bt" in sys.argv:
-    # fused_decode.attend alone, 32 calls in a CUDA graph, us a call (docs/h200/attend_bt_11.log)
-    H, Hkv, hd, bf = cfg.n_head, cfg.n_kv_head, cfg.head_dim, torch.bfloat16
+    # fused_decode.attend alone, us a call (docs/h200/attend_bt_11.log)
     for context in (1024, 8192, 32768, 131072):
-        q = torch.randn(H * hd, device=dev, dtype=bf)
-        k, v = (torch.randn(1, Hkv, context + 1, hd, device=dev, dtype=bf) for _ in "kv")
+        q, k, v = random_qkv(context)
         row = [f"{context}: floor {2 * k.numel() * k.element_size() / bw * 1e6:.2f}"]
         for BT in (32, 64, 128):
             fd.ATTEND_BT = BT
-            def layers():
-                for _ in range(32):
-                    o = fd.attend(q, k, v, context, H)
-                return o
-            graph, _ = bench.capture(layers)
-            row.append(f"BT {BT} {bench.median_ms(graph.replay, 50, True) * 1e3 / 32:.2f}")
+            us = attention_us(lambda q, k, v, pos: fd.attend(q, k, v, pos, cfg.n_head),
+                              q, k, v, context)
+            row.append(f"BT {BT} {us:.2f}")
         print("  ".join(row), flush=True)

@@ -3,8 +3,8 @@ after the other in one process (the same host, so the differences are the settin
 
     v10          the scan's backward in chunks of 64 with 4 warps (scan_fast's settings now)
     v9           ... in chunks of 128 with 8 warps
-    rope-inline  RoPE compiled whole, its angles inside the kernel (before train_fast._angles:
-                 a sine and a cosine per element of q and k)
+    rope-inline  RoPE compiled whole, its angles inside the kernel (before session 11: a sine
+                 and a cosine per element of q and k)
     now          the code as it is
 
     python docs/h200/train_ab.py OUT_DIR now rope-inline [-- --profile]
@@ -25,13 +25,19 @@ import scan_fast as sf                                          # noqa: E402
 import train_fast                                               # noqa: E402
 
 BACKWARD = {"v10": (64, {2: 4, 4: 8}), "v9": (128, {2: 8, 4: 8})}   # BWD_CHUNK, BWD_WARPS
-FUSE, ROPE = train_fast.fuse_elementwise, mmmamba.rope
+FUSE, ROPE, ROTATE = train_fast.fuse_elementwise, mmmamba.rope, mmmamba.rotate
 
 
 def rope_inline(models):
+    """fuse_elementwise, then RoPE as it was compiled before: angles and rotation in one graph."""
     undo = FUSE(models)
-    mmmamba.rope = torch.compile(ROPE)                          # undo() puts ROPE back
-    return undo
+    mmmamba.rope = torch.compile(lambda x, pos, theta: ROTATE(x, *mmmamba.angles(
+        x.shape[-2], x.shape[-1], pos, theta, torch.float32, x.device)))
+
+    def undo_both():
+        undo()
+        mmmamba.rope = ROPE
+    return undo_both
 
 
 args = sys.argv[1:]
