@@ -442,7 +442,8 @@ def _bwd_grad_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_
 def _bwd_dt_kernel(dt_ptr, dt_bias_ptr, A_ptr, z_ptr, u_ptr, sds_ptr, ddt_ptr, dA_ptr,
                    L, H, nchunks, stride, Q: tl.constexpr, NT: tl.constexpr, PT: tl.constexpr,
                    HAS_BIAS: tl.constexpr):
-    """ddt and dA of one chunk of one (batch, head) from the other kernels' shares. The log-decays
+    """ddt (in ddt_ptr's dtype) of one chunk of one (batch, head) from the other kernels' shares,
+    and the chunk's shares of dA and ddt_bias (dA_ptr, (2, b*h, chunks), fp32). The log-decays
     cs get d(cs_t) = <dy_t, y_t> - <xdt_t, dxdt_t> (+ <dS, S_end> at the chunk's last token),
     and dA_t is the reverse cumsum of that inside the chunk: summed here from terms that do not
     cancel (the pairs inside the chunk and the state -> output term, z; the input -> state term,
@@ -466,9 +467,10 @@ def _bwd_dt_kernel(dt_ptr, dt_bias_ptr, A_ptr, z_ptr, u_ptr, sds_ptr, ddt_ptr, d
         sds += tl.load(sds_ptr + (j * tl.num_programs(1) + bh) * nchunks + k)
     ddA = tl.cumsum(zq, axis=0, reverse=True) + (tl.cumsum(u, axis=0) - u) \
         + tl.exp(_last(cs, Q)) * sds
-    ddt = xdx + tl.load(A_ptr + hi).to(tl.float32) * ddA
-    tl.store(ddt_ptr + rows, ddt / (1.0 + tl.exp(-raw)), mask=tm)       # softplus' = sigmoid
+    ddt = (xdx + tl.load(A_ptr + hi).to(tl.float32) * ddA) / (1.0 + tl.exp(-raw))  # softplus'
+    tl.store(ddt_ptr + rows, ddt.to(ddt_ptr.dtype.element_ty), mask=tm)
     tl.store(dA_ptr + bh * nchunks + k, tl.sum(tl.where(tm, dt * ddA, 0.0), axis=0))
+    tl.store(dA_ptr + (tl.num_programs(1) + bh) * nchunks + k, tl.sum(tl.where(tm, ddt, 0.0), 0))
 
 
 # -----------------------------------------------------------------------------
@@ -534,6 +536,29 @@ def _tma_views(tensors, blocks):
     return views
 
 
+def _segments(u, v, dt, bias, A, has_bias, init, nseg, G, Q, reverse):
+    """The state entering each of nseg segments of G chunks (reverse: the state gradient at
+    each one's end), (b, nseg, h, p, n) fp32: _state_kernel for what each one adds, then
+    _pass_kernel. Two chunks a step where a segment has an even number of them (half the
+    serial steps, (N, 2Q) @ (2Q, BP) products; fp32 tiles of 2Q tokens would not fit in shared
+    memory); TMA where it applies (docs/kernel_log.md, v4 and v12)."""
+    b, l, h, p = u.shape
+    n = v.shape[-1]
+    QS = 2 * Q if G % 2 == 0 and u.element_size() <= 2 else Q
+    BP, BN = min(FWD_CONFIG["BP"], _pow2(p)), _pow2(n)
+    segs = torch.empty(b, nseg, h, p, n, device=u.device, dtype=torch.float32)
+    segdecay = torch.empty(b, h, nseg, device=u.device, dtype=torch.float32)
+    views = _tma_views((u, v), ((QS, BP), (QS, BN)))
+    _state_kernel[(nseg - 1, b * h, triton.cdiv(p, BP))](             # not the far end's
+        *(views or (u, v)), dt, bias, A, segs, segdecay, l, h, p, n, nseg, G * Q // QS, Q=QS,
+        BP=BP, BN=BN, REVERSE=reverse, HAS_BIAS=has_bias, TMA=views is not None,
+        num_warps=FWD_CONFIG["num_warps"], num_stages=FWD_CONFIG["num_stages"])
+    _pass_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
+        segs, segdecay, init if init is not None else segs, h, p * n, nseg, BLOCK=PASS_BLOCK,
+        REVERSE=reverse, HAS_INIT=init is not None)
+    return segs
+
+
 def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, chunk_size, bwd_chunk=None):
     """y, the final state and, given bwd_chunk, the states entering every chunk of bwd_chunk
     tokens (in x's dtype, for the backward; else None)."""
@@ -545,27 +570,14 @@ def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, chunk_size, bwd_chun
     nchunks, p_tiles = triton.cdiv(l, Q), triton.cdiv(p, BP)
     G = _pick_segment(b, h, nchunks, p_tiles, x.device)
     nseg = triton.cdiv(nchunks, G)
-    # the state kernel takes two chunks per step where a segment has an even number of them
-    # (half the serial steps, (N, 2Q) @ (2Q, BP) products); fp32 tiles of 128 tokens would not
-    # fit its shared memory
-    QS = 2 * Q if G % 2 == 0 and x.element_size() <= 2 else Q
     y = torch.empty_like(x)
     final = torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
     bias = dt_bias if dt_bias is not None else A                        # any pointer; unused
     has_state = initial_state is not None or nseg > 1
     states = initial_state if initial_state is not None else final      # any pointer when unused
     if nseg > 1:                                                        # steps 2 and 3 per segment
-        states = torch.empty(b, nseg, h, p, n, device=x.device, dtype=torch.float32)
-        segdecay = torch.empty(b, h, nseg, device=x.device, dtype=torch.float32)
-        views = _tma_views((x, B), ((QS, BP), (QS, BN)))
-        _state_kernel[(nseg - 1, b * h, p_tiles)](                      # not the last segment
-            *(views or (x, B)), dt, bias, A, states, segdecay, l, h, p, n, nseg, G * Q // QS,
-            Q=QS, BP=BP, BN=BN, REVERSE=False, HAS_BIAS=dt_bias is not None,
-            TMA=views is not None, num_warps=warps, num_stages=stages)
-        _pass_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
-            states, segdecay, initial_state if initial_state is not None else final,
-            h, p * n, nseg, BLOCK=PASS_BLOCK, REVERSE=False,
-            HAS_INIT=initial_state is not None)
+        states = _segments(x, B, dt, bias, A, dt_bias is not None, initial_state, nseg, G, Q,
+                           False)
     views = _tma_views((x, B, C, y), ((Q, BP), (Q, BN), (Q, BN), (Q, BP)))
     xv, Bv, Cv, yv = views or (x, B, C, y)
     # R: forward chunks per backward chunk, the same with and without grad (no recompile;
@@ -604,19 +616,8 @@ def _chunk_states(u, v, dt, A, dt_bias, init, Q, reverse, dtype):
     out = torch.empty(b, c, h, p, n, device=u.device, dtype=dtype)
     end = torch.empty(b, h, p, n, device=u.device, dtype=torch.float32)
     bias = dt_bias if dt_bias is not None else A
-    if nseg > 1:                       # two chunks a step where it can, as the forward's
-        QS = 2 * Q if G % 2 == 0 and u.element_size() <= 2 else Q
-        BPS = min(FWD_CONFIG["BP"], _pow2(p))
-        segs = torch.empty(b, nseg, h, p, n, device=u.device, dtype=torch.float32)
-        segdecay = torch.empty(b, h, nseg, device=u.device, dtype=torch.float32)
-        _state_kernel[(nseg - 1, b * h, triton.cdiv(p, BPS))](
-            u, v, dt, bias, A, segs, segdecay, l, h, p, n, nseg, G * Q // QS, Q=QS, BP=BPS,
-            BN=_pow2(n), REVERSE=reverse, HAS_BIAS=dt_bias is not None, TMA=False,
-            num_warps=FWD_CONFIG["num_warps"], num_stages=FWD_CONFIG["num_stages"])
-        _pass_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
-            segs, segdecay, init if init is not None else end, h, p * n, nseg,
-            BLOCK=PASS_BLOCK, REVERSE=reverse, HAS_INIT=init is not None)
-        init = segs
+    if nseg > 1:
+        init = _segments(u, v, dt, bias, A, dt_bias is not None, init, nseg, G, Q, reverse)
     _states_kernel[(nseg, b * h, tiles)](
         u, v, dt, bias, A, init if init is not None else end, out, end, l, h, p, n, c, nseg, G,
         Q=Q, BP=BP, BN=BN, REVERSE=reverse, HAS_BIAS=dt_bias is not None,
@@ -635,8 +636,8 @@ def _ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, dt_bias, initial_state, Q, S=Non
         S, _ = _chunk_states(x, B, dt, A, dt_bias, initial_state, Q, False, x.dtype)
     dS, dinit = _chunk_states(dy, C, dt, A, dt_bias, dfinal, Q, True, x.dtype)
     dx, dB, dC = torch.empty_like(x), torch.empty_like(B), torch.empty_like(C)
-    ddt = torch.empty(b, l, h, device=x.device, dtype=torch.float32)
-    dA = torch.empty(b, h, c, device=x.device, dtype=torch.float32)
+    ddt = torch.empty_like(dt)
+    dA = torch.empty(2, b, h, c, device=x.device, dtype=torch.float32)    # dA's, dt_bias's
     BN, BP = min(BWD_CONFIG["BN"], _pow2(n)), min(BWD_CONFIG["BP"], _pow2(p))
     NT, PT = triton.cdiv(n, BN), triton.cdiv(p, BP)
     z = torch.empty(2 * NT, b, l, h, device=x.device, dtype=torch.float32)  # rows, columns
@@ -649,7 +650,8 @@ def _ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, dt_bias, initial_state, Q, S=Non
         Q=Q, BPW=_pow2(p), BN=BN, NT=NT, BP=BP, BNW=_pow2(n), PT=PT, HAS_BIAS=has_bias, **warps)
     _bwd_dt_kernel[(c, b * h)](dt, bias, A, z, u, sds, ddt, dA, l, h, c, b * l * h,
                                Q=Q, NT=NT, PT=PT, HAS_BIAS=has_bias)
-    return dx, ddt, dA.sum((0, 2)), dB, dC, ddt.sum((0, 1)), dinit
+    dA, dbias = dA.sum((1, 3))                                          # one kernel for both
+    return dx, ddt, dA, dB, dC, dbias, dinit
 
 
 class _SSDTriton(torch.autograd.Function):
@@ -666,6 +668,7 @@ class _SSDTriton(torch.autograd.Function):
         y, final, S = _ssd_fwd_triton(x, dt, A.float(), B, C, bias, init, chunk_size,
                                       Q if grad else None)
         ctx.save_for_backward(x, dt, A, B, C, dt_bias, initial_state, S)
+        ctx.set_materialize_grads(False)            # an unused final state: no zeros to read
         ctx.Q = Q
         return y, final
 
@@ -678,7 +681,7 @@ class _SSDTriton(torch.autograd.Function):
         dx, ddt, dA, dB, dC, dbias, dinit = _ssd_bwd_triton(
             dy, dfinal, x, dt, A.float(), B, C, dt_bias.float() if dt_bias is not None else None,
             init, ctx.Q, S)
-        return (dx, ddt.to(dt.dtype), dA.to(A.dtype), dB, dC,
+        return (dx, ddt, dA.to(A.dtype), dB, dC,
                 dbias.to(dt_bias.dtype) if dt_bias is not None else None,
                 dinit.to(initial_state.dtype) if initial_state is not None else None, None, None)
 

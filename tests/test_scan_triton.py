@@ -225,6 +225,26 @@ def test_fast_strong_decay(segment, monkeypatch):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("used", ["y", "final_state"])
+def test_fast_gradients_of_one_output(used):
+    """Only y, or only the final state, reaches the loss: the other output's gradient comes as
+    None (the Function does not ask autograd to fill it with zeros), every gradient still right,
+    the initial state's and dt_bias's (summed in the dt kernel) included."""
+    ins = draw(2, 2 * Q + 3, 2, 16, 16, init=True)
+    leaves = {k: v.clone().requires_grad_() for k, v in ins.items()}
+    refs = {k: v.detach().double().requires_grad_() for k, v in ins.items()}
+    out = dict(zip(("y", "final_state"), sk.ssd(**leaves, chunk_size=Q, backend="triton")))
+    ref = dict(zip(("y", "final_state"), sk.ssd_chunked(**refs, chunk_size=Q)))
+    w = torch.randn(ref[used].shape, generator=torch.Generator().manual_seed(7))
+    got = torch.autograd.grad((out[used] * w).sum(), list(leaves.values()))
+    want = torch.autograd.grad((ref[used] * w.double()).sum(), list(refs.values()),
+                               allow_unused=True)               # the final state has no C
+    for name, g, r in zip(leaves, got, want):
+        r = torch.zeros_like(refs[name]) if r is None else r
+        assert rel(g, r) < 1e-4, f"d{name} with only {used} used: {rel(g, r):.1e}"
+
+
+@needs_interpreter
 def test_fast_segments_agree(monkeypatch):
     """The forward's segment length G changes the schedule, not the function."""
     ins = draw(1, Q * 7 + 3, 2, 16, 16, init=True)
