@@ -49,12 +49,17 @@ STEP_BP = 32            # rows of the state per program in the SSM step (scan_ke
 # finishes, and reads its first block of weights before it waits for that kernel's output.
 PDL = True
 # The teacher's attention of one token: "sdpa" (PyTorch's scaled_dot_product_attention) or
-# "split" (_attend_kernel and _combine_kernel) over fewer than SPLIT_KEYS keys, sdpa beyond:
-# on the H200 (docs/decode_study/fused_study.py attention, docs/benchmarks.md) the teacher's
-# step took 1.51 against 1.59 ms at 1K, 1.79 against 1.84 at 8K, but 2.66 against 2.54 at 32K.
+# "split" (_attend_kernel and _combine_kernel) over fewer than SPLIT_KEYS keys, sdpa beyond;
+# the split kernels launch early under PDL below ATTEND_PDL_KEYS, plainly beyond: launched early
+# at 16K-128K keys they cost the teacher's step 2.5-10% (placed on the SMs while the qkv kernel
+# still runs, our reading). The teacher's step on the H200 (docs/decode_study/fused_study.py
+# attention-pdl, docs/bench_log.md v7): 1.51 against SDPA's 1.55 ms at 1K, 2.04 against 2.07
+# at 16K, 2.538 against 2.537 at 32K.
 ATTENTION = "split"
-SPLIT_KEYS = 16384
+SPLIT_KEYS = 32768
+ATTEND_PDL_KEYS = 8192
 ATTEND_BT = 64          # keys per step of _attend_kernel; its splits: about 2 programs per SM
+STEP_PDL = True         # the SSM step under PDL too (_ssm_step_kernel); False: launched plainly
 
 
 @triton.jit
@@ -233,6 +238,19 @@ def _combine_kernel(m_ptr, l_ptr, acc_ptr, y_ptr, S, HD: tl.constexpr, BS: tl.co
 
 
 @triton.jit
+def _ssm_step_kernel(s_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, y_ptr, H, P, N,
+                     BP: tl.constexpr, BN: tl.constexpr, REP: tl.constexpr, PDL: tl.constexpr):
+    """scan_kernel's one-token state update in place, made a PDL kernel: it launches while
+    _mamba_in_kernel finishes and lets the W_O kernel launch (and read its first weights)
+    while it runs, instead of two plain launches, each waiting for the kernel before to end."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()                    # x, B, C, dt from _mamba_in_kernel
+    sk._step_kernel(s_ptr, s_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, y_ptr, H, P,
+                    N, BP, BN, True, REP)
+
+
+@triton.jit
 def _mamba_in_kernel(w_ptr, u_ptr, g_ptr, conv_ptr, cw_ptr, cb_ptr, out_ptr, N, K, CONV, eps,
                      KC: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     """[x B C dt gate] = W v, v = RMSNorm(u) * g; then the causal conv of width KC and SiLU
@@ -393,7 +411,7 @@ class Decoder:
             w, x, norm.weight, freq, q, c["k"], c["v"], pos, c["k"].shape[2], cfg.d_model,
             norm.eps, H=H, HKV=Hkv, HD=hd, BR=BR // 2, BK=BK, **opts)
         if ATTENTION == "split" and pos < SPLIT_KEYS:
-            y = attend(q, c["k"], c["v"], pos, H, self.pdl)
+            y = attend(q, c["k"], c["v"], pos, H, self.pdl and pos < ATTEND_PDL_KEYS)
         else:
             y = F.scaled_dot_product_attention(q.view(1, H, 1, hd), c["k"][:, :, :pos + 1],
                                                c["v"][:, :, :pos + 1], enable_gqa=True)
@@ -411,9 +429,9 @@ class Decoder:
             **opts)
         y = torch.empty(H * hd, device=x.device, dtype=torch.float32)
         BP = min(STEP_BP, sk._pow2(hd))
-        sk._step_kernel[(H, triton.cdiv(hd, BP))](
-            c["ssm"], c["ssm"], zx, zx[conv_dim:], m.dt_bias, A, zx[Hkv * hd:], zx[2 * Hkv * hd:],
-            y, H, hd, hd, BP=BP, BN=sk._pow2(hd), HAS_BIAS=True, REP=H // Hkv, num_warps=4)
+        _ssm_step_kernel[(H, triton.cdiv(hd, BP))](
+            c["ssm"], zx, zx[conv_dim:], m.dt_bias, A, zx[Hkv * hd:], zx[2 * Hkv * hd:], y, H, hd,
+            hd, BP=BP, BN=sk._pow2(hd), REP=H // Hkv, num_warps=4, **_launch(self.pdl and STEP_PDL))
         self._linear(m.o_proj.weight, y, x, "out", norm=2, g=norm_weight, z=zx[conv_dim + H:],
                      residual=True, eps=m.norm.eps)
 

@@ -7,8 +7,11 @@
 #             fused_decode.attend (split over the keys), 32 calls in a CUDA graph, per call
 #             against its bytes; then the teacher's whole step with each (fused_decode.ATTENTION)
 #   attention-bt  the split kernel's keys per step (fused_decode.ATTEND_BT) 32 / 64 / 128
+#   step      the SSM step under PDL (fused_decode.STEP_PDL) against launched plainly, alternating
+#   attention-pdl the teacher step with the split attention launched plainly, beside PDL, SDPA
 # run on a GPU from the repository root:
 #   python docs/decode_study/fused_study.py [sweep] [pdl] [accuracy] [attention] [attention-bt]
+#                                           [step] [attention-pdl]
 # writes docs/decode_study/fused_study.json (or $OUT/fused_study.json)
 import copy, json, os, sys, time
 sys.path[:0] = [".", "tests"]
@@ -161,3 +164,36 @@ if "attention-bt" in sys.argv:
                               q, k, v, context)
             row.append(f"BT {BT} {us:.2f}")
         print("  ".join(row), flush=True)
+
+if "step" in sys.argv:
+    # the linear and hybrid steps with the SSM step kernel under PDL or not, three rounds
+    log["step"] = []
+    for kind, context in (("linear", 1024), ("hybrid", 1024), ("hybrid", 32768)):
+        model = bench.build(cfg, kind, dev, torch.bfloat16)
+        ms = {False: [], True: []}
+        for _ in range(3):
+            for flag in ms:
+                fd.STEP_PDL = flag
+                ms[flag].append(step_ms(model, context, iters=100))
+        fd.STEP_PDL = True
+        row = [kind, context, floor_ms(model, context), ms[False], ms[True]]
+        log["step"].append(row)
+        print(f"{kind} {context}: floor {row[2]:.4f} ms; step plain "
+              + "/".join(f"{t:.4f}" for t in ms[False]) + ", under PDL "
+              + "/".join(f"{t:.4f}" for t in ms[True]), flush=True)
+        del model
+        torch.cuda.empty_cache()
+    json.dump(log, open(out, "w"), indent=1)
+
+if "attention-pdl" in sys.argv:
+    # why the split attention loses inside the teacher's step at 32K+ but not alone: the same
+    # step with its two kernels launched plainly (no early launch) beside PDL and SDPA
+    teacher, attend = bench.build(cfg, "teacher", dev, torch.bfloat16), fd.attend
+    plain = lambda q, k, v, pos, H, pdl=False: attend(q, k, v, pos, H, False)
+    for context in [int(c) for c in os.environ.get("CONTEXTS", "1024,8192,32768").split(",")]:
+        row = []
+        for way, fn in (("sdpa", attend), ("split", attend), ("split, plain launch", plain)):
+            fd.ATTENTION, fd.SPLIT_KEYS, fd.attend = way.split(",")[0], 1 << 40, fn
+            row.append(f"{way} {step_ms(teacher, context, iters=100):.4f}")
+        fd.attend = attend
+        print(f"teacher step at {context}: " + ", ".join(row) + " ms", flush=True)
