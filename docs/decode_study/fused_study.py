@@ -9,9 +9,10 @@
 #   attention-bt  the split kernel's keys per step (fused_decode.ATTEND_BT) 32 / 64 / 128
 #   step      the SSM step under PDL (fused_decode.STEP_PDL) against launched plainly, alternating
 #   attention-pdl the teacher step with the split attention launched plainly, beside PDL, SDPA
+#   kernels   one replayed step kernel by kernel: each one's time and the idle gap before it
 # run on a GPU from the repository root:
 #   python docs/decode_study/fused_study.py [sweep] [pdl] [accuracy] [attention] [attention-bt]
-#                                           [step] [attention-pdl]
+#                                           [step] [attention-pdl] [kernels]
 # writes docs/decode_study/fused_study.json (or $OUT/fused_study.json)
 import copy, json, os, sys, time
 sys.path[:0] = [".", "tests"]
@@ -197,3 +198,44 @@ if "attention-pdl" in sys.argv:
             row.append(f"{way} {step_ms(teacher, context, iters=100):.4f}")
         fd.attend = attend
         print(f"teacher step at {context}: " + ", ".join(row) + " ms", flush=True)
+
+if "kernels" in sys.argv:
+    # one graph-replayed step kernel by kernel, in order: each kernel's time and the idle gap
+    # before it (the boundary's cost), for a middle layer and summed over the step
+    from torch.profiler import ProfilerActivity, profile
+    for kind, context in (("linear", 1024), ("teacher", 1024)):
+        model = bench.build(cfg, kind, dev, torch.bfloat16)
+        dec = fd.Decoder(model)
+        cache = random_caches([model], context + 1, context)[0]
+        def step():
+            cache.pos = context
+            return dec.step(tok, cache)
+        graph, _ = bench.capture(step)
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.synchronize()
+        ev = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+        n = len(ev) // 3
+        ev = ev[n:2 * n]                                            # the middle replay
+        gaps = [0.0] + [b.time_range.start - a.time_range.end for a, b in zip(ev, ev[1:])]
+        busy = sum(e.time_range.elapsed_us() for e in ev)
+        wall = ev[-1].time_range.end - ev[0].time_range.start
+        print(f"{kind} {context}: {n} kernels a step, {wall:.0f} us first to last, busy "
+              f"{busy:.0f} us, gaps {sum(gaps[1:]):.0f} us (negative: overlap under PDL), "
+              f"floor {floor_ms(model, context) * 1e3:.0f} us")
+        per = n // cfg.n_layer
+        for e, g in list(zip(ev, gaps))[per * 16:per * 17]:                # layer 16
+            print(f"  {e.name[:40]:40s} {e.time_range.elapsed_us():7.2f} us, gap before {g:6.2f}")
+        by = {}
+        for e, g in zip(ev, gaps):
+            t = by.setdefault(e.name[:40], [0, 0.0, 0.0])
+            t[0] += 1; t[1] += e.time_range.elapsed_us(); t[2] += g
+        for name, (c, t, g) in sorted(by.items(), key=lambda kv: -kv[1][1]):
+            print(f"  all {name:40s} {c:4d}x {t:8.1f} us, gaps before them {g:7.1f} us")
+        del model, dec, cache, graph
+        torch.cuda.empty_cache()
