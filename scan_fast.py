@@ -536,7 +536,7 @@ def _tma_views(tensors, blocks):
     return views
 
 
-def _segments(u, v, dt, bias, A, has_bias, init, nseg, G, Q, reverse):
+def _segments(u, v, dt, dt_bias, A, init, nseg, G, Q, reverse):
     """The state entering each of nseg segments of G chunks (reverse: the state gradient at
     each one's end), (b, nseg, h, p, n) fp32: _state_kernel for what each one adds, then
     _pass_kernel. Two chunks a step where a segment has an even number of them (half the
@@ -546,12 +546,13 @@ def _segments(u, v, dt, bias, A, has_bias, init, nseg, G, Q, reverse):
     n = v.shape[-1]
     QS = 2 * Q if G % 2 == 0 and u.element_size() <= 2 else Q
     BP, BN = min(FWD_CONFIG["BP"], _pow2(p)), _pow2(n)
+    bias = dt_bias if dt_bias is not None else A                        # any pointer; unused
     segs = torch.empty(b, nseg, h, p, n, device=u.device, dtype=torch.float32)
     segdecay = torch.empty(b, h, nseg, device=u.device, dtype=torch.float32)
     views = _tma_views((u, v), ((QS, BP), (QS, BN)))
     _state_kernel[(nseg - 1, b * h, triton.cdiv(p, BP))](             # not the far end's
         *(views or (u, v)), dt, bias, A, segs, segdecay, l, h, p, n, nseg, G * Q // QS, Q=QS,
-        BP=BP, BN=BN, REVERSE=reverse, HAS_BIAS=has_bias, TMA=views is not None,
+        BP=BP, BN=BN, REVERSE=reverse, HAS_BIAS=dt_bias is not None, TMA=views is not None,
         num_warps=FWD_CONFIG["num_warps"], num_stages=FWD_CONFIG["num_stages"])
     _pass_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
         segs, segdecay, init if init is not None else segs, h, p * n, nseg, BLOCK=PASS_BLOCK,
@@ -576,8 +577,7 @@ def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, chunk_size, bwd_chun
     has_state = initial_state is not None or nseg > 1
     states = initial_state if initial_state is not None else final      # any pointer when unused
     if nseg > 1:                                                        # steps 2 and 3 per segment
-        states = _segments(x, B, dt, bias, A, dt_bias is not None, initial_state, nseg, G, Q,
-                           False)
+        states = _segments(x, B, dt, dt_bias, A, initial_state, nseg, G, Q, False)
     views = _tma_views((x, B, C, y), ((Q, BP), (Q, BN), (Q, BN), (Q, BP)))
     xv, Bv, Cv, yv = views or (x, B, C, y)
     # R: forward chunks per backward chunk, the same with and without grad (no recompile;
@@ -617,7 +617,7 @@ def _chunk_states(u, v, dt, A, dt_bias, init, Q, reverse, dtype):
     end = torch.empty(b, h, p, n, device=u.device, dtype=torch.float32)
     bias = dt_bias if dt_bias is not None else A
     if nseg > 1:
-        init = _segments(u, v, dt, bias, A, dt_bias is not None, init, nseg, G, Q, reverse)
+        init = _segments(u, v, dt, dt_bias, A, init, nseg, G, Q, reverse)
     _states_kernel[(nseg, b * h, tiles)](
         u, v, dt, bias, A, init if init is not None else end, out, end, l, h, p, n, c, nseg, G,
         Q=Q, BP=BP, BN=BN, REVERSE=reverse, HAS_BIAS=dt_bias is not None,

@@ -171,12 +171,12 @@ if "step" in sys.argv:
     log["step"] = []
     for kind, context in (("linear", 1024), ("hybrid", 1024), ("hybrid", 32768)):
         model = bench.build(cfg, kind, dev, torch.bfloat16)
-        ms = {False: [], True: []}
+        ms, keep = {False: [], True: []}, fd.STEP_PDL
         for _ in range(3):
             for flag in ms:
                 fd.STEP_PDL = flag
                 ms[flag].append(step_ms(model, context, iters=100))
-        fd.STEP_PDL = True
+        fd.STEP_PDL = keep
         row = [kind, context, floor_ms(model, context), ms[False], ms[True]]
         log["step"].append(row)
         print(f"{kind} {context}: floor {row[2]:.4f} ms; step plain "

@@ -65,7 +65,6 @@ for b, l in ((1, 128), (16, 1024)):
               f"with the GPU {(t2 - t0) / 50 * 1e6:.0f} us", flush=True)
 
 
-
 def host_us(fn, n=200):
     """Host time of fn, us a call (the GPU work queued, not waited for)."""
     fn()
