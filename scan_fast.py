@@ -97,6 +97,30 @@ def _chunk_decay(dt_ptr, dt_bias_ptr, A_ptr, row0, hi, t, L, H, HAS_BIAS: tl.con
 
 
 @triton.jit
+def _decay_kernel(dt_ptr, dt_bias_ptr, A_ptr, dc_ptr, L, H, Q: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+    """_chunk_decay's dt and cs of chunk k of one (batch, head), to dc_ptr's (b*h, chunks, 2, Q)
+    fp32 (v14): the scan and the backward's chunks load them instead of each running the
+    softplus -> cumsum chain (a scan and a sum across the program's threads) on its own."""
+    k, bh = tl.program_id(0), tl.program_id(1)
+    t = k * Q + tl.arange(0, Q)
+    _, dt, cs = _chunk_decay(dt_ptr, dt_bias_ptr, A_ptr, bh // H * L, bh % H, t, L, H, HAS_BIAS)
+    base = (bh.to(tl.int64) * tl.num_programs(0) + k) * 2 * Q + tl.arange(0, Q)
+    tl.store(dc_ptr + base, dt)
+    tl.store(dc_ptr + base + Q, cs)
+
+
+@triton.jit
+def _load_decay(dc_ptr, bh, k, nchunks, Q: tl.constexpr):
+    """dt, cs and the total log-decay of chunk k of (batch*head) bh from _decay_kernel. A chunk
+    past the end (a segment's loop runs on): total 0 (decay 1); its inputs load as zeros, so
+    its dt and cs, the last chunk's, add nothing."""
+    row, q = (bh.to(tl.int64) * nchunks + tl.minimum(k, nchunks - 1)) * 2 * Q, tl.arange(0, Q)
+    total = tl.where(k < nchunks, tl.load(dc_ptr + row + 2 * Q - 1), 0.0)
+    return tl.load(dc_ptr + row + q), tl.load(dc_ptr + row + Q + q), total
+
+
+@triton.jit
 def _last(v, Q: tl.constexpr):
     """v[Q-1] of a (Q,) vector (the chunk's total log-decay when v = cs)."""
     return tl.sum(tl.where(tl.arange(0, Q) == Q - 1, v, 0.0), axis=0)
@@ -192,10 +216,10 @@ def _pass_kernel(s_ptr, seg_ptr, init_ptr, H, PN, nseg,
 
 
 @triton.jit
-def _states_kernel(u_ptr, v_ptr, dt_ptr, dt_bias_ptr, A_ptr, init_ptr, o_ptr, end_ptr,
+def _states_kernel(u_ptr, v_ptr, dc_ptr, init_ptr, o_ptr, end_ptr,
                    L, H, P, N, nchunks, nseg, G,
                    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, REVERSE: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr):
+                   HAS_INIT: tl.constexpr):
     """The backward's per-chunk states for a (BP, BN) tile, over one segment of G chunks: the
     state entering each chunk (u = x, v = B) or, REVERSE, the state gradient leaving each
     chunk (u = dy, v = C, from the segment's last chunk). init_ptr, (b, nseg, h, P, N): what
@@ -220,8 +244,7 @@ def _states_kernel(u_ptr, v_ptr, dt_ptr, dt_bias_ptr, A_ptr, init_ptr, o_ptr, en
     for i in range(G):
         k = g * G + (G - 1 - i if REVERSE else i)                       # past the end: t >= L,
         t = k * Q + q                                                   # no input, decay 1
-        _, dt, cs = _chunk_decay(dt_ptr, dt_bias_ptr, A_ptr, bi * L, hi, t, L, H, HAS_BIAS)
-        total = _last(cs, Q)
+        dt, cs, total = _load_decay(dc_ptr, bh, k, nchunks, Q)
         rows = (bi * L + t).to(tl.int64) * H + hi
         u = tl.load(u_ptr + rows[:, None] * P + p[None, :],
                     mask=(t < L)[:, None] & (p < P)[None, :], other=0.0)   # (Q, BP)
@@ -236,10 +259,10 @@ def _states_kernel(u_ptr, v_ptr, dt_ptr, dt_bias_ptr, A_ptr, init_ptr, o_ptr, en
 
 
 @triton.jit
-def _scan_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, y_ptr, s_ptr, final_ptr,
-                 sb_ptr, L, H, P, N, nseg, G, R, nb,
+def _scan_kernel(x_ptr, dc_ptr, B_ptr, C_ptr, y_ptr, s_ptr, final_ptr,
+                 sb_ptr, L, H, P, N, nchunks, nseg, G, R, nb,
                  Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, TMA: tl.constexpr):
+                 HAS_STATE: tl.constexpr, TMA: tl.constexpr):
     """The forward outputs of one segment for a (Q, BP) slice of y per chunk, starting from the
     state entering the segment (s_ptr, (b, nseg, h, P, N)) and carrying the (BP, N) state in
     registers through G chunks. Per chunk, four tensor-core products:
@@ -276,8 +299,7 @@ def _scan_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, y_ptr, s_ptr, 
             sb = ((bi * nb + (g * G + i) // R) * H + hi).to(tl.int64) * P
             tl.store(sb_ptr + (sb + p)[None, :] * N + n[:, None],
                      ST.to(sb_ptr.dtype.element_ty), mask=np_mask)
-        _, dt, cs = _chunk_decay(dt_ptr, dt_bias_ptr, A_ptr, bi * L, hi, t, L, H, HAS_BIAS)
-        total = _last(cs, Q)
+        dt, cs, total = _load_decay(dc_ptr, bh, g * G + i, nchunks, Q)
         if TMA:                                                         # rows past L read as 0
             x = x_ptr.load([bi, t0, hi * P + pt * BP]).reshape(Q, BP)
             Bm = B_ptr.load([bi, t0, hi * N]).reshape(Q, BN)
@@ -307,18 +329,17 @@ def _scan_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, y_ptr, s_ptr, 
 
 
 @triton.jit
-def _bwd_chunk(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, dy_ptr, k, bh, p, L, H, P,
-               Q: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _bwd_chunk(x_ptr, dc_ptr, dy_ptr, k, bh, p, L, H, P, nchunks, Q: tl.constexpr):
     """What every backward kernel loads first for chunk k of one (batch, head): the chunk's
     token rows, its decays and the columns p of x, dy and xdt = dt x (fp32)."""
     bi, hi = bh // H, bh % H
     t = k * Q + tl.arange(0, Q)
     rows = (bi * L + t).to(tl.int64) * H + hi
     qp_mask = (t < L)[:, None] & (p < P)[None, :]
-    raw, dt, cs = _chunk_decay(dt_ptr, dt_bias_ptr, A_ptr, bi * L, hi, t, L, H, HAS_BIAS)
+    dt, cs, total = _load_decay(dc_ptr, bh, k, nchunks, Q)
     x = tl.load(x_ptr + rows[:, None] * P + p[None, :], mask=qp_mask, other=0.0)
     dy = tl.load(dy_ptr + rows[:, None] * P + p[None, :], mask=qp_mask, other=0.0).to(x.dtype)
-    return t, rows, raw, dt, cs, x, dy, x.to(tl.float32) * dt[:, None]
+    return t, rows, dt, cs, total, x, dy, x.to(tl.float32) * dt[:, None]
 
 
 @triton.jit
@@ -330,10 +351,9 @@ def _state_tile(s_ptr, bh, k, p, n, H, P, N, nchunks):
 
 
 @triton.jit
-def _bwd_bc(k, j, bh, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
+def _bwd_bc(k, j, bh, x_ptr, dc_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
             dB_ptr, dC_ptr, z_ptr, L, H, P, N, nchunks, zstride,
-            Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, NT: tl.constexpr,
-            HAS_BIAS: tl.constexpr):
+            Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, NT: tl.constexpr):
     """Columns n (tile j % NT) of dC (j < NT) or dB (j >= NT) for chunk k of one (batch,
     head) bh, given S = the state entering the chunk and dS = the gradient of the state
     leaving it. With xdt = dt x and W = (dy xdt^T) * decay (causal:
@@ -349,8 +369,8 @@ def _bwd_bc(k, j, bh, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s
     q = tl.arange(0, Q)
     n = j % NT * BN + tl.arange(0, BN)
     p = tl.arange(0, BP)
-    t, rows, _, dt, cs, x, dy, xdt = _bwd_chunk(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, dy_ptr, k,
-                                                bh, p, L, H, P, Q, HAS_BIAS)
+    t, rows, dt, cs, total, x, dy, xdt = _bwd_chunk(x_ptr, dc_ptr, dy_ptr, k, bh, p, L, H, P,
+                                                    nchunks, Q)
     xdt_lo = xdt.to(x.dtype)
     qn_mask = (t < L)[:, None] & (n < N)[None, :]
     qn = rows[:, None] * N + n[None, :]
@@ -372,7 +392,7 @@ def _bwd_bc(k, j, bh, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s
         g = tl.dot(tl.trans(W), Cm)                                 # (Q, BN)
         zq = tl.sum(Bm.to(tl.float32) * g, axis=1)
         dS = _state_tile(ds_ptr, bh, k, p, n, H, P, N, nchunks)     # (P, BN) grad leaving
-        e_out = tl.exp(tl.minimum(_last(cs, Q) - cs, 0.0))
+        e_out = tl.exp(tl.minimum(total - cs, 0.0))
         g += diag[:, None] * Cm.to(tl.float32) \
             + tl.dot(xdt_lo, dS.to(x.dtype)) * e_out[:, None]
         tl.store(dB_ptr + qn, g.to(dB_ptr.dtype.element_ty), mask=qn_mask)
@@ -380,9 +400,9 @@ def _bwd_bc(k, j, bh, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s
 
 
 @triton.jit
-def _bwd_dx(k, pt, bh, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
+def _bwd_dx(k, pt, bh, x_ptr, dc_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
             dx_ptr, u_ptr, sds_ptr, L, H, P, N, nchunks, ustride,
-            Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
+            Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
     """Columns p (tile pt) of dx for chunk k of one (batch, head) bh. With
     M = (C B^T) * decay (causal):  dxdt = M^T dy + e_out * B dS^T,  dx = dt dxdt.
     Also this tile's shares of the log-decays' gradient: <xdt_t, (e_out B dS^T)_t> (the input
@@ -391,8 +411,8 @@ def _bwd_dx(k, pt, bh, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, 
     q = tl.arange(0, Q)
     n = tl.arange(0, BN)
     p = pt * BP + tl.arange(0, BP)
-    t, rows, _, dt, cs, x, dy, xdt = _bwd_chunk(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, dy_ptr, k,
-                                                bh, p, L, H, P, Q, HAS_BIAS)
+    t, rows, dt, cs, total, x, dy, xdt = _bwd_chunk(x_ptr, dc_ptr, dy_ptr, k, bh, p, L, H, P,
+                                                    nchunks, Q)
     tm = t < L
     qn_mask = tm[:, None] & (n < N)[None, :]
     Bm = tl.load(B_ptr + rows[:, None] * N + n[None, :], mask=qn_mask, other=0.0)
@@ -400,7 +420,7 @@ def _bwd_dx(k, pt, bh, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, 
     dS = _state_tile(ds_ptr, bh, k, p, n, H, P, N, nchunks)         # (BP, N) grad leaving
     S = _state_tile(s_ptr, bh, k, p, n, H, P, N, nchunks)
     sds = tl.sum(tl.sum(dS.to(tl.float32) * S.to(tl.float32), axis=1), axis=0)
-    e_out = tl.exp(tl.minimum(_last(cs, Q) - cs, 0.0))
+    e_out = tl.exp(tl.minimum(total - cs, 0.0))
     dx_state = tl.dot(Bm, tl.trans(dS).to(Bm.dtype)) * e_out[:, None]   # (Q, BP)
     u = tl.sum(xdt * dx_state, axis=1)
     decay = tl.where(q[:, None] >= q[None, :],
@@ -416,11 +436,10 @@ def _bwd_dx(k, pt, bh, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, 
 
 
 @triton.jit
-def _bwd_grad_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
+def _bwd_grad_kernel(x_ptr, dc_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
                      dB_ptr, dC_ptr, z_ptr, dx_ptr, u_ptr, sds_ptr, L, H, P, N, nchunks, stride,
                      Q: tl.constexpr, BPW: tl.constexpr, BN: tl.constexpr, NT: tl.constexpr,
-                     BP: tl.constexpr, BNW: tl.constexpr, PT: tl.constexpr,
-                     HAS_BIAS: tl.constexpr):
+                     BP: tl.constexpr, BNW: tl.constexpr, PT: tl.constexpr):
     """Every gradient of one chunk of one (batch, head) but ddt and dA: program j of the chunk
     runs _bwd_bc (dC or dB tile j, j < 2 NT, tiles BN wide with whole rows of P, BPW) or
     _bwd_dx (dx tile j - 2 NT, BP wide with whole rows of N, BNW). One kernel, the chunk's
@@ -430,12 +449,11 @@ def _bwd_grad_kernel(x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_
     j = tl.program_id(0) % (2 * NT + PT)
     bh = tl.program_id(1)
     if j < 2 * NT:
-        _bwd_bc(k, j, bh, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
-                dB_ptr, dC_ptr, z_ptr, L, H, P, N, nchunks, stride, Q, BPW, BN, NT, HAS_BIAS)
+        _bwd_bc(k, j, bh, x_ptr, dc_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, ds_ptr,
+                dB_ptr, dC_ptr, z_ptr, L, H, P, N, nchunks, stride, Q, BPW, BN, NT)
     else:
-        _bwd_dx(k, j - 2 * NT, bh, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, dy_ptr,
-                s_ptr, ds_ptr, dx_ptr, u_ptr, sds_ptr, L, H, P, N, nchunks, stride, Q, BP, BNW,
-                HAS_BIAS)
+        _bwd_dx(k, j - 2 * NT, bh, x_ptr, dc_ptr, B_ptr, C_ptr, dy_ptr,
+                s_ptr, ds_ptr, dx_ptr, u_ptr, sds_ptr, L, H, P, N, nchunks, stride, Q, BP, BNW)
 
 
 @triton.jit
@@ -560,9 +578,21 @@ def _segments(u, v, dt, dt_bias, A, init, nseg, G, Q, reverse):
     return segs
 
 
-def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, chunk_size, bwd_chunk=None):
+def _decays(dt, dt_bias, A, Q, dc=None):
+    """_decay_kernel's dt and cs of every chunk of Q tokens, (b*h, chunks, 2, Q) fp32; dc where
+    it already holds them (computed for chunks of Q)."""
+    b, l, h = dt.shape
+    if dc is None or dc.shape[-1] != Q:
+        dc = torch.empty(b * h, triton.cdiv(l, Q), 2, Q, device=dt.device, dtype=torch.float32)
+        _decay_kernel[(dc.shape[1], b * h)](dt, dt_bias if dt_bias is not None else A, A, dc, l,
+                                            h, Q=Q, HAS_BIAS=dt_bias is not None)
+    return dc
+
+
+def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, chunk_size, bwd_chunk=None,
+                    dc=None):
     """y, the final state and, given bwd_chunk, the states entering every chunk of bwd_chunk
-    tokens (in x's dtype, for the backward; else None)."""
+    tokens (in x's dtype, for the backward; else None). dc: _decays' (recomputed if None)."""
     b, l, h, p = x.shape
     n = B.shape[-1]
     Q = min(chunk_size, FWD_CONFIG["Q"])                                # the forward's own chunk
@@ -573,7 +603,6 @@ def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, chunk_size, bwd_chun
     nseg = triton.cdiv(nchunks, G)
     y = torch.empty_like(x)
     final = torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
-    bias = dt_bias if dt_bias is not None else A                        # any pointer; unused
     has_state = initial_state is not None or nseg > 1
     states = initial_state if initial_state is not None else final      # any pointer when unused
     if nseg > 1:                                                        # steps 2 and 3 per segment
@@ -586,13 +615,13 @@ def _ssd_fwd_triton(x, dt, A, B, C, dt_bias, initial_state, chunk_size, bwd_chun
     nb = triton.cdiv(l, R * Q) if bwd_chunk else 0
     saved = torch.empty(b, nb, h, p, n, device=x.device, dtype=x.dtype) if nb else None
     _scan_kernel[(nseg, b * h, p_tiles)](
-        xv, dt, bias, A, Bv, Cv, yv, states, final, saved if nb else y, l, h, p, n, nseg, G,
-        R, nb, Q=Q, BP=BP, BN=BN, HAS_BIAS=dt_bias is not None, HAS_STATE=has_state,
+        xv, _decays(dt, dt_bias, A, Q, dc), Bv, Cv, yv, states, final, saved if nb else y, l, h,
+        p, n, nchunks, nseg, G, R, nb, Q=Q, BP=BP, BN=BN, HAS_STATE=has_state,
         TMA=views is not None, num_warps=warps, num_stages=stages)
     return y, final, saved
 
 
-def _chunk_states(u, v, dt, A, dt_bias, init, Q, reverse, dtype):
+def _chunk_states(u, v, dt, A, dt_bias, init, Q, reverse, dtype, dc=None):
     """The state entering each chunk (forward, u = x, v = B) or the state gradient leaving each
     chunk (reverse, u = dy, v = C, init = dfinal), summed in fp32, returned in dtype. Also
     returns what is left at the far end (fp32): the final state, or the initial state's
@@ -615,26 +644,25 @@ def _chunk_states(u, v, dt, A, dt_bias, init, Q, reverse, dtype):
     nseg = triton.cdiv(c, G)
     out = torch.empty(b, c, h, p, n, device=u.device, dtype=dtype)
     end = torch.empty(b, h, p, n, device=u.device, dtype=torch.float32)
-    bias = dt_bias if dt_bias is not None else A
     if nseg > 1:
         init = _segments(u, v, dt, dt_bias, A, init, nseg, G, Q, reverse)
     _states_kernel[(nseg, b * h, tiles)](
-        u, v, dt, bias, A, init if init is not None else end, out, end, l, h, p, n, c, nseg, G,
-        Q=Q, BP=BP, BN=BN, REVERSE=reverse, HAS_BIAS=dt_bias is not None,
-        HAS_INIT=init is not None,
+        u, v, _decays(dt, dt_bias, A, Q, dc), init if init is not None else end, out, end, l, h,
+        p, n, c, nseg, G, Q=Q, BP=BP, BN=BN, REVERSE=reverse, HAS_INIT=init is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, end
 
 
-def _ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, dt_bias, initial_state, Q, S=None):
+def _ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, dt_bias, initial_state, Q, S=None, dc=None):
     """Every gradient; S: the states entering each chunk of Q tokens, as the forward saves
-    them (recomputed where None)."""
+    them, and dc: _decays' (each recomputed where None)."""
     b, l, h, p = x.shape
     n = B.shape[-1]
     c = triton.cdiv(l, Q)
+    dc = _decays(dt, dt_bias, A, Q, dc)
     if S is None:
-        S, _ = _chunk_states(x, B, dt, A, dt_bias, initial_state, Q, False, x.dtype)
-    dS, dinit = _chunk_states(dy, C, dt, A, dt_bias, dfinal, Q, True, x.dtype)
+        S, _ = _chunk_states(x, B, dt, A, dt_bias, initial_state, Q, False, x.dtype, dc)
+    dS, dinit = _chunk_states(dy, C, dt, A, dt_bias, dfinal, Q, True, x.dtype, dc)
     dx, dB, dC = torch.empty_like(x), torch.empty_like(B), torch.empty_like(C)
     ddt = torch.empty_like(dt)
     dA = torch.empty(2, b, h, c, device=x.device, dtype=torch.float32)    # dA's, dt_bias's
@@ -646,8 +674,8 @@ def _ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, dt_bias, initial_state, Q, S=Non
     bias, has_bias = dt_bias if dt_bias is not None else A, dt_bias is not None
     warps = dict(num_warps=BWD_WARPS[x.element_size()], num_stages=BWD_CONFIG["num_stages"])
     _bwd_grad_kernel[(c * (2 * NT + PT), b * h)](
-        x, dt, bias, A, B, C, dy, S, dS, dB, dC, z, dx, u, sds, l, h, p, n, c, b * l * h,
-        Q=Q, BPW=_pow2(p), BN=BN, NT=NT, BP=BP, BNW=_pow2(n), PT=PT, HAS_BIAS=has_bias, **warps)
+        x, dc, B, C, dy, S, dS, dB, dC, z, dx, u, sds, l, h, p, n, c, b * l * h,
+        Q=Q, BPW=_pow2(p), BN=BN, NT=NT, BP=BP, BNW=_pow2(n), PT=PT, **warps)
     _bwd_dt_kernel[(c, b * h)](dt, bias, A, z, u, sds, ddt, dA, l, h, c, b * l * h,
                                Q=Q, NT=NT, PT=PT, HAS_BIAS=has_bias)
     dA, dbias = dA.sum((1, 3))                                          # one kernel for both
@@ -664,23 +692,24 @@ class _SSDTriton(torch.autograd.Function):
         x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
         init = initial_state.float().contiguous() if initial_state is not None else None
         bias = dt_bias.float() if dt_bias is not None else None
-        Q = _bwd_q(chunk_size)
-        y, final, S = _ssd_fwd_triton(x, dt, A.float(), B, C, bias, init, chunk_size,
-                                      Q if grad else None)
-        ctx.save_for_backward(x, dt, A, B, C, dt_bias, initial_state, S)
+        Q, A32 = _bwd_q(chunk_size), A.float()
+        dc = _decays(dt, bias, A32, Q)                  # the forward's too where its chunk is Q
+        y, final, S = _ssd_fwd_triton(x, dt, A32, B, C, bias, init, chunk_size,
+                                      Q if grad else None, dc)
+        ctx.save_for_backward(x, dt, A, B, C, dt_bias, initial_state, S, dc)
         ctx.set_materialize_grads(False)            # an unused final state: no zeros to read
         ctx.Q = Q
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, dt_bias, initial_state, S = ctx.saved_tensors
+        x, dt, A, B, C, dt_bias, initial_state, S, dc = ctx.saved_tensors
         dy = torch.zeros_like(x) if dy is None else dy.contiguous()
         init = initial_state.float().contiguous() if initial_state is not None else None
         dfinal = dfinal.float().contiguous() if dfinal is not None else None
         dx, ddt, dA, dB, dC, dbias, dinit = _ssd_bwd_triton(
             dy, dfinal, x, dt, A.float(), B, C, dt_bias.float() if dt_bias is not None else None,
-            init, ctx.Q, S)
+            init, ctx.Q, S, dc)
         return (dx, ddt, dA.to(A.dtype), dB, dC,
                 dbias.to(dt_bias.dtype) if dt_bias is not None else None,
                 dinit.to(initial_state.dtype) if initial_state is not None else None, None, None)

@@ -10,6 +10,7 @@
 #   step      the SSM step under PDL (fused_decode.STEP_PDL) against launched plainly, alternating
 #   attention-pdl the teacher step with the split attention launched plainly, beside PDL, SDPA
 #   kernels   one replayed step kernel by kernel: each one's time and the idle gap before it
+#             (layer 16 and the last two), with PDL and without (each kernel's own time)
 # run on a GPU from the repository root:
 #   python docs/decode_study/fused_study.py [sweep] [pdl] [accuracy] [attention] [attention-bt]
 #                                           [step] [attention-pdl] [kernels]
@@ -203,9 +204,11 @@ if "kernels" in sys.argv:
     # one graph-replayed step kernel by kernel, in order: each kernel's time and the idle gap
     # before it (the boundary's cost), for a middle layer and summed over the step
     from torch.profiler import ProfilerActivity, profile
-    for kind, context in (("linear", 1024), ("teacher", 1024)):
+    for kind, context, pdl in (("linear", 1024, None), ("teacher", 1024, None),
+                               ("linear", 1024, False), ("teacher", 1024, False)):
         model = bench.build(cfg, kind, dev, torch.bfloat16)
         dec = fd.Decoder(model)
+        dec.pdl = dec.pdl if pdl is None else pdl                  # False: each kernel alone
         cache = random_caches([model], context + 1, context)[0]
         def step():
             cache.pos = context
@@ -225,11 +228,11 @@ if "kernels" in sys.argv:
         gaps = [0.0] + [b.time_range.start - a.time_range.end for a, b in zip(ev, ev[1:])]
         busy = sum(e.time_range.elapsed_us() for e in ev)
         wall = ev[-1].time_range.end - ev[0].time_range.start
-        print(f"{kind} {context}: {n} kernels a step, {wall:.0f} us first to last, busy "
-              f"{busy:.0f} us, gaps {sum(gaps[1:]):.0f} us (negative: overlap under PDL), "
-              f"floor {floor_ms(model, context) * 1e3:.0f} us")
+        print(f"{kind} {context}{'' if pdl is None else ', PDL off'}: {n} kernels a step, "
+              f"{wall:.0f} us first to last, busy {busy:.0f} us, gaps {sum(gaps[1:]):.0f} us "
+              f"(negative: overlap under PDL), floor {floor_ms(model, context) * 1e3:.0f} us")
         per = n // cfg.n_layer
-        for e, g in list(zip(ev, gaps))[per * 16:per * 17]:                # layer 16
+        for e, g in list(zip(ev, gaps))[per * 16:per * 17] + list(zip(ev, gaps))[-2:]:
             print(f"  {e.name[:40]:40s} {e.time_range.elapsed_us():7.2f} us, gap before {g:6.2f}")
         by = {}
         for e, g in zip(ev, gaps):
