@@ -1,9 +1,10 @@
 """What the fast scan costs the host (CPU) per call, beside mamba_ssm's: at a tiny shape the GPU
 work is negligible, so the loop's time is the Python and launch cost; at 16 x 1024 it shows
 whether the host keeps ahead of the GPU. Then the pieces called directly (without autograd),
-forward + backward at every benchmark shape eager and replayed from a CUDA graph (as
-train_fast.py runs the training step), against the byte floor of scan_fast.py's benchmark, and
-where the host time goes (cProfile, 50 calls). Raw output: docs/h200/host_probe_12*.log.
+the forward alone (no grad) and forward + backward at every benchmark shape, eager and replayed
+from a CUDA graph (as train_fast.py runs the training step), against the byte floor of
+scan_fast.py's benchmark, and where the host time goes (cProfile, 50 calls). Raw output:
+docs/h200/host_probe_12*.log, host_probe_14.log, host_probe_16.log (the forward alone from 16).
 
     python docs/h200/host_probe.py [.peers]          # on a GPU, from the repository root
 """
@@ -114,24 +115,31 @@ for b, l in sf.SHAPES:
     def step():
         y, _ = ssd(**ins, chunk_size=128, backend="triton")
         return torch.autograd.grad(y, list(ins.values()), dy)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    eager, replay = [], []
-    for _ in range(3):                                          # alternating, medians
-        eager.append(do_bench(step, grad_to_none=list(ins.values()), return_mode="median"))
-        replay.append(do_bench(graph.replay, return_mode="median"))
-    floor = sf._floor_bytes(b, l)[1] / bw * 1e3
-    print(f"{b} x {l} fwd+bwd: eager {sorted(eager)[1]:.3f} ms ({sorted(eager)[1] / floor:.2f}x "
-          f"the floor), replayed from a CUDA graph {sorted(replay)[1]:.3f} ms "
-          f"({sorted(replay)[1] / floor:.2f}x)", flush=True)
-    del ins, dy, graph
+
+    @torch.no_grad()
+    def forward():
+        return ssd(**ins, chunk_size=128, backend="triton")
+    for part, fn, floor_bytes in (("fwd", forward, sf._floor_bytes(b, l)[0]),
+                                  ("fwd+bwd", step, sf._floor_bytes(b, l)[1])):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        eager, replay = [], []
+        for _ in range(3):                                      # alternating, medians
+            eager.append(do_bench(fn, grad_to_none=list(ins.values()), return_mode="median"))
+            replay.append(do_bench(graph.replay, return_mode="median"))
+        floor = floor_bytes / bw * 1e3
+        print(f"{b} x {l} {part}: eager {sorted(eager)[1]:.3f} ms ({sorted(eager)[1] / floor:.2f}x"
+              f" the floor), replayed from a CUDA graph {sorted(replay)[1]:.3f} ms "
+              f"({sorted(replay)[1] / floor:.2f}x)", flush=True)
+        del graph
+    del ins, dy
 
 ins, fns = calls(1, 128)
 prof = cProfile.Profile()
