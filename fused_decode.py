@@ -184,31 +184,50 @@ def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, pos, max_len, spa
     softmax); _combine_kernel merges the splits. The REP heads' rows are padded to RP (at least
     16) so both products go to the tensor cores: (RP, HD) @ (HD, BT), then (RP, BT) @ (BT, HD).
     At batch 1 one program per head (PyTorch's kernel) leaves most of the GPU idle at short
-    contexts."""
+    contexts. PDL: the first block is read before the wait (docs/bench_log.md v10; launched
+    plainly, the loop is as before: reading ahead there cost 4-7% at 8K-16K keys)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()                    # q, and k and v at pos, from _qkv_kernel
     g, s = tl.program_id(0), tl.program_id(1)
     r, d = tl.arange(0, RP), tl.arange(0, HD)
     heads = g * REP + r
+    base = g.to(tl.int64) * max_len * HD
+    hi = tl.minimum((s + 1) * span, pos + 1)
+    if PDL:
+        # the first block's keys and values before the wait, as the weights elsewhere: those
+        # before pos were written by earlier steps, which all ended before this step's first
+        # kernel (a plain one: the embedding's gather) began; the key and value at pos after it
+        t = s * span + tl.arange(0, BT)
+        kv = base + t[:, None].to(tl.int64) * HD + d[None, :]
+        early = (t < hi)[:, None] & (t < pos)[:, None]
+        k = tl.load(k_ptr + kv, mask=early, other=0.0)
+        v = tl.load(v_ptr + kv, mask=early, other=0.0)
+        tl.extra.cuda.gdc_wait()                    # q, and k and v at pos, from _qkv_kernel
+        k += tl.load(k_ptr + kv, mask=(t == pos)[:, None], other=0.0)
+        v += tl.load(v_ptr + kv, mask=(t == pos)[:, None], other=0.0)
     q = tl.load(q_ptr + heads[:, None] * HD + d[None, :], mask=(r < REP)[:, None],
                 other=0.0)                                                  # (RP, HD)
     m = tl.full((RP,), float("-inf"), tl.float32)
     l = tl.zeros((RP,), tl.float32)
     acc = tl.zeros((RP, HD), tl.float32)
-    base = g.to(tl.int64) * max_len * HD
-    hi = tl.minimum((s + 1) * span, pos + 1)
     for t0 in range(s * span, hi, BT):
         t = t0 + tl.arange(0, BT)
         ok = t < hi
-        kv = base + t[:, None].to(tl.int64) * HD + d[None, :]
-        k = tl.load(k_ptr + kv, mask=ok[:, None], other=0.0)                # (BT, HD)
+        if PDL:
+            if t0 > s * span:                       # the first block is already loaded
+                kv = base + t[:, None].to(tl.int64) * HD + d[None, :]
+                k = tl.load(k_ptr + kv, mask=ok[:, None], other=0.0)
+                v = tl.load(v_ptr + kv, mask=ok[:, None], other=0.0)
+        else:
+            kv = base + t[:, None].to(tl.int64) * HD + d[None, :]
+            k = tl.load(k_ptr + kv, mask=ok[:, None], other=0.0)            # (BT, HD)
         score = tl.where(ok[None, :], tl.dot(q, tl.trans(k)).to(tl.float32) * scale,
                          float("-inf"))                                     # (RP, BT)
         m_new = tl.maximum(m, tl.max(score, axis=1))    # finite: t0 itself is a key
         p = tl.exp(score - m_new[:, None])
         alpha = tl.exp(m - m_new)
-        v = tl.load(v_ptr + kv, mask=ok[:, None], other=0.0)
+        if not PDL:
+            v = tl.load(v_ptr + kv, mask=ok[:, None], other=0.0)
         l = l * alpha + tl.sum(p, axis=1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m = m_new
@@ -331,7 +350,10 @@ def pack_for_decoding(model):
 def attend(q, k, v, pos, H, pdl=False):
     """softmax(q K^T / sqrt(hd)) V of one token's q (H * hd,) over the cache's keys and values
     (1, Hkv, max_len, hd) at positions 0..pos, query head h on KV head h // (H / Hkv) (as
-    scaled_dot_product_attention's enable_gqa). Returns (H * hd,) in q's dtype."""
+    scaled_dot_product_attention's enable_gqa). Returns (H * hd,) in q's dtype. pdl: launched
+    early behind the kernel that writes q and the key and value at pos; the keys and values
+    before pos are then read before that kernel ends, so no kernel still running may write
+    them (in Decoder.step, earlier steps wrote them)."""
     _, Hkv, max_len, hd = k.shape
     REP, BT = H // Hkv, ATTEND_BT
     blocks = triton.cdiv(pos + 1, BT)

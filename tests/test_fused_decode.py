@@ -84,18 +84,37 @@ def test_step_matches_float64(case):
     assert cache.pos == 6
 
 
+def pdl_in_the_interpreter(monkeypatch):
+    """The interpreter cannot run PDL's two instructions or its launch option: no-ops for them,
+    so a kernel's PDL=True code (what it reads before and after the wait) runs on the CPU too.
+    The ordering itself only a GPU shows."""
+    import triton
+    import triton.language.extra.cuda as cuda
+
+    @triton.jit
+    def nothing():
+        pass
+    monkeypatch.setattr(cuda, "gdc_wait", nothing)
+    monkeypatch.setattr(cuda, "gdc_launch_dependents", nothing)
+    monkeypatch.setattr(fd, "_launch", lambda pdl: dict(PDL=pdl))
+
+
 @needs_interpreter
+@pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("heads,kv_heads,hd,pos", [(4, 2, 16, 0), (4, 2, 16, 31), (4, 2, 16, 32),
                                                    (6, 2, 32, 257), (8, 1, 16, 150), (2, 2, 16, 8)])
-def test_split_attention_matches_float64(heads, kv_heads, hd, pos):
+def test_split_attention_matches_float64(heads, kv_heads, hd, pos, pdl, monkeypatch):
     # fused_decode.attend (the split-KV kernels) against scaled_dot_product_attention in
     # float64: one key (pos 0), a block of keys exactly full (31) and one past it (32), three
     # query heads a KV head (padded to 4), one KV head for 8, no grouping; several splits
-    # (the CPU counts as 4 SMs: 2 to 4 splits here), the cache longer than pos
+    # (the CPU counts as 4 SMs: 2 to 4 splits here; at 257 two blocks a split, pos in the
+    # first), the cache longer than pos. pdl: the first block read before the wait, pos after
+    if pdl:
+        pdl_in_the_interpreter(monkeypatch)
     torch.manual_seed(pos)
     q = torch.randn(heads * hd)
     k, v = (torch.randn(1, kv_heads, pos + 9, hd) for _ in "kv")
-    got = fd.attend(q, k, v, pos, heads)
+    got = fd.attend(q, k, v, pos, heads, pdl)
     want = torch.nn.functional.scaled_dot_product_attention(
         q.double().view(1, heads, 1, hd), k.double()[:, :, :pos + 1], v.double()[:, :, :pos + 1],
         enable_gqa=True).reshape(-1)
