@@ -69,12 +69,14 @@ def random_caches(models, max_len, pos):
 
 @needs_interpreter
 @pytest.mark.parametrize("case", list(CASES))
-def test_step_matches_float64(case):
+def test_step_matches_float64(case, pdl=False):
     model = random_model(CASES[case])
     ref = copy.deepcopy(model).double()
     cache, ref_cache = random_caches([model, ref], max_len=16, pos=5)
     token = torch.tensor([[7]])
-    logits = fd.Decoder(model).step(token, cache)
+    dec = fd.Decoder(model)
+    dec.pdl = pdl                                   # True: see pdl_in_the_interpreter
+    logits = dec.step(token, cache)
     want = ref(token, None, ref_cache)
     errs = {"logits": rel(logits, want)}
     for i, (c, rc) in enumerate(zip(cache.layers, ref_cache.layers)):
@@ -126,6 +128,16 @@ def test_split_attention_matches_float64(heads, kv_heads, hd, pos, pdl, monkeypa
 def test_step_with_split_attention(case, monkeypatch):
     monkeypatch.setattr(fd, "ATTENTION", "split")
     test_step_matches_float64(case)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", ["attention-mamba-attention", "conv-3-ungrouped"])
+def test_step_with_pdl_code(case, monkeypatch):
+    # every kernel's PDL=True code (the weights, and the attention's first keys and values,
+    # read before the wait), the split attention launched early, against float64
+    pdl_in_the_interpreter(monkeypatch)
+    monkeypatch.setattr(fd, "ATTENTION", "split")
+    test_step_matches_float64(case, pdl=True)
 
 
 @needs_interpreter
