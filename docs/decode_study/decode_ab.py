@@ -2,7 +2,8 @@
 batch 1): teacher at 1K-16K keys, hybrid at 1K and 8K, each step in a CUDA graph, five
 alternating rounds of 60 replays, medians; then both on two equal caches, their logits compared.
 Log: docs/decode_study/kv_early_16.log (docs/bench_log.md v10: there "main" is
-`git show 440a687:fused_decode.py` and "kv early" the variant that was kept under PDL).
+`git show 440a687:fused_decode.py` and "kv early", printed "variant" now, what was kept under
+PDL).
 
     python docs/decode_study/decode_ab.py VARIANT.py        # on a GPU, from the repository root
 """
@@ -20,30 +21,29 @@ bw = bench.copy_bandwidth(dev)
 tok = torch.tensor([[11]], device=dev)
 
 def graph_of(mod, model, context):
+    """mod's decode step at `context`, captured in a CUDA graph."""
     dec = mod.Decoder(model)
     cache = random_caches([model], context + 1, context)[0]
     def step():
         cache.pos = context
         return dec.step(tok, cache)
-    graph, out = bench.capture(step)
-    return graph, out
+    return bench.capture(step)[0]
 
 for kind, contexts in (("teacher", (1024, 4096, 8192, 16384)), ("hybrid", (1024, 8192))):
     model = bench.build(cfg, kind, dev, torch.bfloat16)
     for context in contexts:
         floor = (bench.weight_bytes(model) + bench.state_bytes(model, context)) / bw * 1e3
-        ga, ya = graph_of(fd, model, context)
-        gb, yb = graph_of(pf, model, context)
+        ga, gb = graph_of(fd, model, context), graph_of(pf, model, context)
         ta, tb = [], []
         for _ in range(5):
             ta.append(bench.median_ms(ga.replay, 60, True))
             tb.append(bench.median_ms(gb.replay, 60, True))
         a, b = sorted(ta)[2], sorted(tb)[2]
-        print(f"{kind} {context}: main {a:.4f} ms ({a / floor:.3f}x), kv early {b:.4f} ms "
+        print(f"{kind} {context}: main {a:.4f} ms ({a / floor:.3f}x), variant {b:.4f} ms "
               f"({b / floor:.3f}x), floor {floor:.4f}; rounds {[round(x, 4) for x in ta]} "
               f"{[round(x, 4) for x in tb]}", flush=True)
         del ga, gb
-    # the same step on two equal caches: logits must agree to bf16 rounding
+    # the same step on two equal caches: how far the variant's logits are from main's
     ca, cb = random_caches([model, model], 1025, 1024)
     la = fd.Decoder(model).step(tok, ca).float()
     lb = pf.Decoder(model).step(tok, cb).float()
