@@ -5,17 +5,14 @@ compile are reported and skipped. Logs: docs/h200/fwd_ab_*.log (docs/kernel_log.
 
     BWD=1 python docs/h200/fwd_ab.py .sweep/scan_fast_v14.py ...   # on a GPU, repository root
 """
-import importlib.util, os, sys
+import os, sys
 sys.path.insert(0, os.getcwd())
 import torch
 from triton.testing import do_bench
 import scan_fast as sf
-mods = {"new": sf}
-for path in sys.argv[1:]:
-    name = os.path.basename(path).removesuffix(".py").removeprefix("scan_fast_")
-    spec = importlib.util.spec_from_file_location("scan_fast_" + name, path)
-    mods[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mods[name])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fwd_graph_ab import variants                                      # noqa: E402
+mods = {"new": sf} | variants(sys.argv[1:])
 for b, l in sf.SHAPES:
     torch.manual_seed(0)
     ins = sf._random_inputs(b, l, 16, 128, 128, torch.bfloat16, "cuda")
