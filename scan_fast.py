@@ -134,8 +134,8 @@ def _chunk_part(u, v, dt, cs, total, REVERSE: tl.constexpr):
     entering it)."""
     if REVERSE:
         w = tl.exp(tl.minimum(cs, 0.0))
-    else:
-        w = dt * tl.exp(tl.minimum(total - cs, 0.0))
+    else:   # a power of two as the decay matrix (v20): the long forwards 4% faster (v22)
+        w = dt * tl.exp2(tl.minimum((total - cs) * 1.4426950408889634, 0.0))
     return tl.dot(tl.trans(v), (u.to(tl.float32) * w[:, None]).to(v.dtype))
 
 
