@@ -6,7 +6,8 @@ docs/h200/fwd_graph_ab_17.log (docs/kernel_log.md, v20; run before this file's c
 into functions, for fwd_ab.py to share the loader). BWD=1: forward + backward (every input's
 gradient for a random dy), against that floor; the gradients checked as y is. (Session 18's
 BWD logs, fwd_bwd_graph_ab_18*.log, had the check's fp32 copy of every gradient inside the
-graph: 0.5 ms more than the kernels at 16K tokens, 2.0 at 64K, the same in every column.)
+graph: 0.5 ms more than the kernels at 16K tokens, 2.0 at 64K, the same in every column;
+fwd_bwd_graph_ab_18d.log is this version's.)
 
     python docs/h200/fwd_graph_ab.py VARIANT.py ...       # on a GPU, from the repository root
 """

@@ -4,9 +4,9 @@ scan_fast.py, at the shapes with segments: each replayed from a CUDA graph, five
 rounds of do_bench, medians; "TB/s" counts the bytes of x (dy) and B (C) it reads, (nseg - 1) /
 nseg of them; each variant's states checked against the current ones. Variants may take the
 decays precomputed (`_segments(u, v, dc, ...)`, v23) or raw (`_segments(u, v, dt, dt_bias, A,
-...)`). Logs: docs/h200/prepass_18*.log (docs/kernel_log.md, v23; those runs let the decays of
-the dc variants be freed before their graphs replayed, so their 1 x 65536 rows' errors there are
-the script's, not the kernel's: fixed here, `keep`).
+...)`). Logs: docs/h200/prepass_18d.log (docs/kernel_log.md, v23); prepass_18b.log and 18c.log
+came from a first version that let the dc variants' decays be freed before their graphs
+replayed, so their 1 x 65536 rows' errors are that script's, not the kernel's (`keep` here).
 
     python docs/h200/prepass_ab.py VARIANT.py ...     # on a GPU, from the repository root
 """
