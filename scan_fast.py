@@ -80,6 +80,10 @@ from util import ArgumentParser, InputError, run_cli
 # (v10): two programs share an SM, one's products hiding the other's loads (21% faster than
 # one program of 8 warps on chunks of 128, for twice the states through memory).
 
+# The forward's decays as powers of two, exp(x) = 2^(LOG2E x): the decay matrix masks in the
+# exponent (2^-inf = 0), and LOG2E scales the (Q,) sums once, not each (Q, Q) entry (v20, v22)
+LOG2E = tl.constexpr(1.4426950408889634)
+
 
 @triton.jit
 def _chunk_decay(dt_ptr, dt_bias_ptr, A_ptr, row0, hi, t, L, H, HAS_BIAS: tl.constexpr):
@@ -134,8 +138,8 @@ def _chunk_part(u, v, dt, cs, total, REVERSE: tl.constexpr):
     entering it)."""
     if REVERSE:
         w = tl.exp(tl.minimum(cs, 0.0))
-    else:   # a power of two as the decay matrix (v20): the long forwards 4% faster (v22)
-        w = dt * tl.exp2(tl.minimum((total - cs) * 1.4426950408889634, 0.0))
+    else:   # as the decay matrix: the long forwards 4% faster (v22)
+        w = dt * tl.exp2(tl.minimum((total - cs) * LOG2E, 0.0))
     return tl.dot(tl.trans(v), (u.to(tl.float32) * w[:, None]).to(v.dtype))
 
 
@@ -314,7 +318,7 @@ def _scan_kernel(x_ptr, dc_ptr, B_ptr, C_ptr, y_ptr, s_ptr, final_ptr,
         cb = tl.dot(Cm, tl.trans(Bm))                                   # (Q, Q): C_t . B_s
         # exp(cs_t - cs_s) <= 1 as 2^(log2(e) (cs_t - cs_s)) masked in the exponent (2^-inf = 0):
         # no clamp, nothing overflows, 945 instructions a chunk for 1127 (docs/kernel_log.md v20)
-        a = cs * 1.4426950408889634
+        a = cs * LOG2E
         scores = cb * tl.exp2(tl.where(causal, a[:, None] - a[None, :], float("-inf"))) \
             * dt[None, :]
         # state -> output: scale the (Q, BP) product's rows by the decay from the chunk start
