@@ -82,7 +82,8 @@ def _block(acc, ss, w, k, K, u_ptr, g_ptr, z_ptr, eps, BK: tl.constexpr, NORM: t
 
 @triton.jit
 def _matvec(w_ptr, rows, row_ok, K, u_ptr, g_ptr, z_ptr, eps, BR: tl.constexpr,
-            BK: tl.constexpr, NORM: tl.constexpr, GS: tl.constexpr, PDL: tl.constexpr):
+            BK: tl.constexpr, NORM: tl.constexpr, GS: tl.constexpr, PDL: tl.constexpr,
+            r_ptr=None, RES: tl.constexpr = False):
     """acc[r] = sum_k W[rows[r], k] v[k], v made from u on the fly:
         NORM 0: v = u
         NORM 1: v = RMSNorm(u) * g. The norm of the whole vector is one scalar, so it is
@@ -91,7 +92,9 @@ def _matvec(w_ptr, rows, row_ok, K, u_ptr, g_ptr, z_ptr, eps, BR: tl.constexpr,
                 (BK is a multiple of GS, so every block holds whole heads).
     PDL: the next kernel may launch now, and the weights do not depend on the kernel before,
     so the first block is loaded before waiting for that kernel to finish; everything this
-    kernel reads or writes that another kernel writes or reads comes after the wait."""
+    kernel reads or writes that another kernel writes or reads comes after the wait.
+    RES: acc starts from r[rows] (the residual), read right after the wait: read after the
+    loop, its latency would lengthen every program's tail (docs/bench_log.md v14)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros([BR], dtype=tl.float32)
@@ -101,6 +104,8 @@ def _matvec(w_ptr, rows, row_ok, K, u_ptr, g_ptr, z_ptr, eps, BR: tl.constexpr,
     w = tl.load(w_rows, mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()
+    if RES:
+        acc += tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     acc, ss = _block(acc, ss, w, k, K, u_ptr, g_ptr, z_ptr, eps, BK, NORM, GS)
     for k0 in range(BK, K, BK):
         w = tl.load(w_rows + k0, mask=row_ok[:, None] & (k0 + k < K)[None, :], other=0.0)
@@ -125,9 +130,8 @@ def _linear_kernel(w_ptr, u_ptr, g_ptr, z_ptr, out_ptr, N, K, eps, BR: tl.conste
                    PDL: tl.constexpr):
     """out = W v (the LM head), or out += W v in place (W_O, w2: the residual add)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    acc = _matvec(w_ptr, rows, rows < N, K, u_ptr, g_ptr, z_ptr, eps, BR, BK, NORM, GS, PDL)
-    if RESIDUAL:
-        acc += tl.load(out_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+    acc = _matvec(w_ptr, rows, rows < N, K, u_ptr, g_ptr, z_ptr, eps, BR, BK, NORM, GS, PDL,
+                  out_ptr, RESIDUAL)
     tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
@@ -155,17 +159,18 @@ def _qkv_kernel(w_ptr, u_ptr, g_ptr, freq_ptr, q_ptr, k_ptr, v_ptr, pos, max_len
                 BK: tl.constexpr, PDL: tl.constexpr):
     """[q; k; v] = W v, v = RMSNorm(u) * g, then RoPE at `pos` on q and k (rotate-half: the
     pair (a, b) = (x_d, x_{d + hd/2}) turns by pos * freq_d), q to q_ptr, k and v into the
-    KV cache (1, Hkv, max_len, hd) at `pos`. One program: BR pairs of rows."""
+    KV cache (1, Hkv, max_len, hd) at `pos`. One program: BR pairs of rows. The angles come
+    first, so that no load is left for after the matvec (as _mamba_in_kernel's conv)."""
     HALF: tl.constexpr = HD // 2
     i, rows = _pair_rows(BR, HALF)
     n_pairs = (H + 2 * HKV) * HALF
-    acc = _matvec(w_ptr, rows, i < n_pairs, K, u_ptr, g_ptr, g_ptr, eps, 2 * BR, BK, 1, 1, PDL)
-    a, b = tl.split(tl.reshape(acc, (BR, 2)))
-    i = tl.program_id(0) * BR + tl.arange(0, BR)
-    ok = i < n_pairs
-    head, d = i // HALF, i % HALF
+    j = tl.program_id(0) * BR + tl.arange(0, BR)                            # pair index
+    head, d = j // HALF, j % HALF
     angle = pos * tl.load(freq_ptr + d)
     cos, sin = tl.cos(angle), tl.sin(angle)
+    acc = _matvec(w_ptr, rows, i < n_pairs, K, u_ptr, g_ptr, g_ptr, eps, 2 * BR, BK, 1, 1, PDL)
+    a, b = tl.split(tl.reshape(acc, (BR, 2)))
+    ok = j < n_pairs
     turn = head < H + HKV                                                   # q and k heads, not v
     a, b = tl.where(turn, a * cos - b * sin, a), tl.where(turn, b * cos + a * sin, b)
     kv_off = ((head - H) % HKV * max_len + pos).to(tl.int64) * HD + d
@@ -271,24 +276,27 @@ def _ssm_step_kernel(s_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, y_p
 
 @triton.jit
 def _mamba_in_kernel(w_ptr, u_ptr, g_ptr, conv_ptr, cw_ptr, cb_ptr, out_ptr, N, K, CONV, eps,
-                     KC: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
-    """[x B C dt gate] = W v, v = RMSNorm(u) * g; then the causal conv of width KC and SiLU
-    on the CONV channels of x, B, C, the conv state (KC - 1, CONV) shifted by one token in
-    place. dt and gate rows go out raw (the step kernel adds dt_bias and softplus). Each
-    channel belongs to one program, which reads its old state before it writes the new."""
+                     KC: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+                     PDL: tl.constexpr):
+    """[x B C dt gate] = W v, v = RMSNorm(u) * g; then the causal conv of width KC (KP: the
+    next power of two) and SiLU on the CONV channels of x, B, C, the conv state (KC - 1, CONV)
+    shifted by one token in place. dt and gate rows go out raw (the step kernel adds dt_bias
+    and softplus). Each channel belongs to one program, which reads its old state before it
+    writes the new. The conv's weights and state are read before the matvec, so no load is
+    left for its tail; under PDL before the wait, as the weights: the state was written by
+    earlier steps, which ended before this step's first kernel (a plain one) began."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    acc = _matvec(w_ptr, rows, rows < N, K, u_ptr, g_ptr, g_ptr, eps, BR, BK, 1, 1, PDL)
     c_ok = rows < CONV
-    conv = tl.load(cb_ptr + rows, mask=c_ok, other=0.0).to(tl.float32) \
-        + tl.load(cw_ptr + rows * KC + KC - 1, mask=c_ok, other=0.0).to(tl.float32) * acc
-    old = tl.load(conv_ptr + rows, mask=c_ok, other=0.0).to(tl.float32)    # token t - KC + 1
-    for j in tl.static_range(KC - 1):
-        conv += tl.load(cw_ptr + rows * KC + j, mask=c_ok, other=0.0).to(tl.float32) * old
-        if j + 2 < KC:
-            old = tl.load(conv_ptr + (j + 1) * CONV + rows, mask=c_ok, other=0.0).to(tl.float32)
-        else:
-            old = acc                                                       # the new token
-        tl.store(conv_ptr + j * CONV + rows, old.to(conv_ptr.dtype.element_ty), mask=c_ok)
+    ch, k = rows[:, None], tl.arange(0, KP)[None, :]                       # (BR, KP) tiles
+    cw = tl.load(cw_ptr + ch * KC + k, mask=(ch < CONV) & (k < KC), other=0.0).to(tl.float32)
+    conv = tl.load(cb_ptr + rows, mask=c_ok, other=0.0).to(tl.float32)
+    old = tl.load(conv_ptr + k * CONV + ch, mask=(ch < CONV) & (k < KC - 1), other=0.0)
+    acc = _matvec(w_ptr, rows, rows < N, K, u_ptr, g_ptr, g_ptr, eps, BR, BK, 1, 1, PDL)
+    window = tl.where(k == KC - 1, acc[:, None], old.to(tl.float32))  # column j: token t-KC+1+j
+    conv += tl.sum(cw * window, axis=1)
+    for j in tl.static_range(KC - 1):                               # the state one token on
+        new = tl.sum(tl.where(k == j + 1, window, 0.0), axis=1)
+        tl.store(conv_ptr + j * CONV + rows, new.to(conv_ptr.dtype.element_ty), mask=c_ok)
     out = tl.where(c_ok, conv * tl.sigmoid(conv), acc)
     tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=rows < N)
 
@@ -447,8 +455,8 @@ class Decoder:
         zx = torch.empty(N, device=x.device, dtype=torch.float32)      # [x B C] conv'd, dt, gate
         _mamba_in_kernel[(triton.cdiv(N, BR),)](
             w, x, layer.attention_norm.weight, c["conv"], m.conv1d.weight, m.conv1d.bias, zx,
-            N, cfg.d_model, conv_dim, layer.attention_norm.eps, KC=cfg.conv_kernel, BR=BR, BK=BK,
-            **opts)
+            N, cfg.d_model, conv_dim, layer.attention_norm.eps, KC=cfg.conv_kernel,
+            KP=triton.next_power_of_2(cfg.conv_kernel), BR=BR, BK=BK, **opts)
         y = torch.empty(H * hd, device=x.device, dtype=torch.float32)
         BP = min(STEP_BP, sk._pow2(hd))
         _ssm_step_kernel[(H, triton.cdiv(hd, BP))](

@@ -5,7 +5,8 @@ SETTINGS (optional, one column each) set module constants on a fresh copy of the
 as PF_WAIT=1,STEP_PF=1; without them the variant is one column as it is. CASES picks the models
 and contexts. Logs: docs/decode_study/kv_early_16.log (v10, the older output of this script:
 "main" there is `git show 440a687:fused_decode.py`, "kv early" what was kept),
-l2_prefetch_17.log (v11), combine_merged_17.log (v12).
+l2_prefetch_17.log (v11), combine_merged_17.log (v12), fuse_step_19.log and matvec_19.log (v13),
+hoist_20.log and hoist_long_20.log (v14), noscale_20.log and ss_20.log (v15).
 
     python docs/decode_study/decode_ab.py VARIANT.py [SETTINGS ...]    # on a GPU, repo root
     CASES="linear:1024 teacher:4096" python docs/decode_study/decode_ab.py VARIANT.py
@@ -39,14 +40,15 @@ def variant(path, name, settings):
 
 
 def graph_of(mod, model, context, tok):
-    """mod's decode step at `context`, captured in a CUDA graph."""
+    """mod's decode step at `context`, captured in a CUDA graph, with the decoder and cache it
+    reads (the graph holds raw pointers: they must outlive it)."""
     dec = mod.Decoder(model)
     cache = random_caches([model], context + 1, context)[0]
 
     def step():
         cache.pos = context
         return dec.step(tok, cache)
-    return bench.capture(step)[0]
+    return bench.capture(step)[0], dec, cache
 
 
 def main():
@@ -77,7 +79,7 @@ def main():
             graphs = [graph_of(mod, model, context, tok) for _, mod in ok]
             times = [[] for _ in graphs]
             for _ in range(5):
-                for g, t in zip(graphs, times):
+                for (g, _, _), t in zip(graphs, times):
                     t.append(bench.median_ms(g.replay, 60, True))
             for (name, _), t in zip(ok, times):
                 m = sorted(t)[2]
