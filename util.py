@@ -319,15 +319,25 @@ def run_cli(main):
     """Run a command line's main(): bad input is one line on stderr and exit code 2, Ctrl-C
     one line and 130. torchrun prints a 30-line traceback of its own for any process that
     exits non-zero, so under torchrun an input error is printed by process 0 alone and every
-    process exits 0 (torchrun's exit code is then 0 too)."""
+    process exits 0 (torchrun's exit code is then 0 too). Under torchrun a process leaves by
+    os._exit once main is done (its checkpoints saved, the process group destroyed): in the
+    interpreter's teardown gloo's threads can still be freeing the group's objects, and now
+    and then that aborts the process (SIGABRT), which torchrun reports as a failed run."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    code = 0
     try:
         main()
     except InputError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if world == 1 else 0)
+        code = 2 if world == 1 else 0
     except KeyboardInterrupt as e:         # session.Stopped says where the run was kept
         if rank == 0:
             print(str(e) or "interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    if world > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
