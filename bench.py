@@ -36,6 +36,7 @@ import json
 import os
 import statistics
 import time
+import types
 from dataclasses import replace
 
 import torch
@@ -76,18 +77,19 @@ def build(cfg, kind, device, dtype):
     return graph_safe_embed(model)
 
 
+def _graph_safe_embed(self, tokens, images=None):
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if images is None and capturing:
+        return self.tok_embeddings(tokens)
+    return type(self).embed(self, tokens, images)
+
+
 def graph_safe_embed(model):
     """Model.embed counts the image slots to check them against the images, and reading that
     count on the host is not allowed while a CUDA graph records. A decode step has no images:
-    while capturing, embed its tokens directly (an instance attribute; the class is untouched)."""
-    embed = model.embed
-
-    def guarded(tokens, images=None):
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        if images is None and capturing:
-            return model.tok_embeddings(tokens)
-        return embed(tokens, images)
-    model.embed = guarded
+    while capturing, embed its tokens directly (an instance attribute; the class is untouched).
+    A bound method, not a closure, so that a deepcopy of the model embeds with its own table."""
+    model.embed = types.MethodType(_graph_safe_embed, model)
     return model
 
 

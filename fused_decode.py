@@ -288,9 +288,9 @@ def _mamba_in_kernel(w_ptr, u_ptr, g_ptr, conv_ptr, cw_ptr, cb_ptr, out_ptr, N, 
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     c_ok = rows < CONV
     ch, k = rows[:, None], tl.arange(0, KP)[None, :]                       # (BR, KP) tiles
-    cw = tl.load(cw_ptr + ch * KC + k, mask=(ch < CONV) & (k < KC), other=0.0).to(tl.float32)
+    cw = tl.load(cw_ptr + ch * KC + k, mask=c_ok[:, None] & (k < KC), other=0.0).to(tl.float32)
     conv = tl.load(cb_ptr + rows, mask=c_ok, other=0.0).to(tl.float32)
-    old = tl.load(conv_ptr + k * CONV + ch, mask=(ch < CONV) & (k < KC - 1), other=0.0)
+    old = tl.load(conv_ptr + k * CONV + ch, mask=c_ok[:, None] & (k < KC - 1), other=0.0)
     acc = _matvec(w_ptr, rows, rows < N, K, u_ptr, g_ptr, g_ptr, eps, BR, BK, 1, 1, PDL)
     window = tl.where(k == KC - 1, acc[:, None], old.to(tl.float32))  # column j: token t-KC+1+j
     conv += tl.sum(cw * window, axis=1)

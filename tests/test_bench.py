@@ -1,5 +1,6 @@
 """bench.py on the CPU: the floor's byte counts against the real cache tensors, one timed decode
 point of a tiny model, and the table and CSV writers (the GPU runs need `python bench.py`)."""
+import copy
 import csv
 
 import torch
@@ -87,3 +88,14 @@ def test_curves_reads_the_losses_of_a_run(tmp_path, monkeypatch):
     bench.main()
     curves = json.load(open(tmp_path / "c" / "losses.json"))
     assert curves == {"stage0_teacher": [3.5, 2.25, 1.0], "stage1_linear": [9.0, 4.0]}
+
+
+def test_a_copy_of_a_built_model_embeds_with_its_own_table():
+    # fused_study's accuracy mode runs a float64 copy of bench.build's bf16 model: the copy's
+    # graph-safe embed must read the copy's table, not the original's
+    model = build(CFG, "hybrid", torch.device("cpu"), torch.bfloat16)
+    ref = copy.deepcopy(model).double()
+    tok = torch.tensor([[11]])
+    assert ref.embed(tok).dtype == torch.float64
+    assert ref(tok, None, ref.new_cache(1, 8)).dtype == torch.float64
+    assert torch.equal(model.embed(tok), model.tok_embeddings(tok))
